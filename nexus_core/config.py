@@ -1,0 +1,295 @@
+"""Typed settings: one source of truth for nexus.toml, NEXUS_<SECTION>_<KEY> and CLI flags.
+
+Precedence (later wins): built-in defaults < nexus.toml < environment < command-line flags.
+Each field's `help` becomes the CLI flag's help; unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from nexus_core.errors import ConfigError
+
+
+def setting(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class RunSettings:
+    sli: str = setting("auto", "sequential layer ingestion: auto, always or never", ("auto", "always", "never"))
+    device: str = setting("auto", "cuda, cpu or auto (cuda when present)")
+    datasets: str = setting("all", "datasets to use: all, or category/name,category/name")
+    models: str = setting("", "teacher ids to use (comma separated); empty means every ready teacher")
+    seed: int = setting(1234, "seed for data order, initialisation and sampling")
+    job_timeout_s: int = setting(6 * 3600, "RQ job_timeout of every stage job, seconds")
+
+
+@dataclass
+class ExtractSettings:
+    seq_len: int = setting(128, "tokens per packed sequence")
+    top_k: int = setting(32, "teacher log-probabilities kept per position")
+    batch_size: int = setting(8, "sequences per teacher forward")
+    max_samples: int = setting(2000, "at most this many packed sequences per dataset (0 = all)")
+    shard_size: int = setting(256, "sequences per shard file")
+    heldout_fraction: float = setting(0.05, "share of each dataset held out for evaluation (hash split)")
+    logit_chunk: int = setting(4096, "positions per full-vocabulary logits chunk (bounds memory)")
+    save_hidden: bool = setting(False, "also store hidden states of the profile's critical layers")
+    text_field: str = setting("", "dataset text column; empty: text, prompt+response or question+answer")
+
+
+@dataclass
+class ProfileSettings:
+    calibration_samples: int = setting(16, "sequences used to measure layer importance")
+    critical_ratio: float = setting(0.25, "share of layers ranked critical by block influence")
+
+
+@dataclass
+class StudentSettings:
+    layer_ratio: float = setting(0.5, "share of the primary teacher's layers the student keeps")
+    layers: int = setting(0, "layers the student keeps (overrides layer_ratio when > 0)")
+    config: str = setting("", "HF config.json path for a student built from scratch (empty: depth-prune)")
+
+
+@dataclass
+class DistillSettings:
+    epochs: int = setting(1, "passes over the training shards (max_steps wins when reached first)")
+    max_steps: int = setting(200, "optimizer steps (0 = epochs decide)")
+    batch_size: int = setting(8, "sequences per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    lr: float = setting(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    warmup_steps: int = setting(10, "linear warm-up steps before cosine decay")
+    grad_clip: float = setting(1.0, "gradient norm clip (0 = off)")
+    temperature: float = setting(1.0, "distillation temperature")
+    alpha: float = setting(0.9, "weight of the KD term; 1 - alpha weighs cross-entropy")
+    hidden_weight: float = setting(0.0, "weight of the hidden-state loss on critical layers")
+    checkpoint_every: int = setting(50, "steps between periodic checkpoints")
+    keep_checkpoints: int = setting(3, "numbered checkpoints kept besides checkpoint_latest.pt")
+    grad_checkpointing: bool = setting(False, "trade compute for memory in the student")
+
+
+@dataclass
+class RouterSettings:
+    epochs: int = setting(30, "passes over the router's training features")
+    lr: float = setting(5e-3, "router head learning rate")
+    max_samples: int = setting(400, "prompts per domain used to train the router")
+
+
+@dataclass
+class ThermalSettings:
+    threshold_c: float = setting(83.0, "pause the GPU work above this temperature (deg C)")
+    pause_s: float = setting(30.0, "length of a thermal pause, seconds")
+    poll_s: float = setting(5.0, "seconds between temperature reads")
+    hysteresis_c: float = setting(5.0, "resume only below threshold_c minus this")
+
+
+@dataclass
+class MemorySettings:
+    budget: str = setting("", "memory budget such as 12GB (empty: free accelerator memory, or RAM on CPU)")
+    sli_params_threshold: float = setting(60e9, "teachers with more parameters always use SLI")
+
+
+@dataclass
+class FaultSettings:
+    oom_at_batches: str = setting("", "test hook: raise out-of-memory at these batch numbers (e.g. 3,7)")
+
+
+@dataclass
+class Settings:
+    run: RunSettings = field(default_factory=RunSettings)
+    extract: ExtractSettings = field(default_factory=ExtractSettings)
+    profile: ProfileSettings = field(default_factory=ProfileSettings)
+    student: StudentSettings = field(default_factory=StudentSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    router: RouterSettings = field(default_factory=RouterSettings)
+    thermal: ThermalSettings = field(default_factory=ThermalSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    faults: FaultSettings = field(default_factory=FaultSettings)
+
+    def __post_init__(self):
+        if not 0.0 <= self.distill.alpha <= 1.0:
+            raise ConfigError("--distill-alpha must be in [0, 1]")
+        if self.distill.temperature <= 0:
+            raise ConfigError("--distill-temperature must be > 0")
+        if self.extract.top_k < 1 or self.extract.seq_len < 2:
+            raise ConfigError("--extract-top-k must be >= 1 and --extract-seq-len >= 2")
+        if not 0.0 < self.extract.heldout_fraction < 1.0:
+            raise ConfigError("--extract-heldout-fraction must be in (0, 1)")
+        if self.run.sli not in ("auto", "always", "never"):
+            raise ConfigError(f"--sli must be auto, always or never, not {self.run.sli!r}")
+        if self.memory.budget:
+            parse_bytes(self.memory.budget)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 of the named sections (all when none): what a stage's output depends on."""
+        d = self.to_dict()
+        picked = {s: d[s] for s in (sections or d.keys())}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resolved_device(self) -> str:
+        if self.run.device != "auto":
+            return self.run.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# CLI knobs DESIGN.md names without a section prefix.
+SHORT_FLAGS = {"run.sli": "--sli", "run.device": "--device", "memory.budget": "--memory-budget",
+               "run.datasets": "--datasets", "run.models": "--models"}
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ConfigError(f"--memory-budget {text!r}: use a size such as 12GB, 512MB or 16GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_count(text: str) -> float:
+    """'671B' -> 671e9, '7.6M' -> 7.6e6 (parameter-count hints)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBT]?)\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"not a count: {text!r}")
+    return float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2)]
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory().__class__ for f in fields(Settings)}
+
+
+def _convert(value, typ, where: str):
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {typ.__name__}") from None
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _apply(values: dict[str, dict], overrides: dict[str, dict]) -> None:
+    for section, kv in overrides.items():
+        values.setdefault(section, {}).update(kv)
+
+
+def _from_toml(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    sections = _sections()
+    out: dict[str, dict] = {}
+    for section, kv in data.items():
+        if section not in sections or not isinstance(kv, dict):
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(sections)})")
+        types = _field_types(sections[section])
+        for key, value in kv.items():
+            if key not in types:
+                raise ConfigError(f"{path}: unknown key {key!r} in [{section}] (known: {', '.join(types)})")
+            out.setdefault(section, {})[key] = _convert(value, types[key], f"{path} [{section}] {key}")
+    return out
+
+
+def _from_env(environ) -> dict[str, dict]:
+    sections = _sections()
+    out: dict[str, dict] = {}
+    # Variables that are not settings (NEXUS_HOME, NEXUS_GPU_SENSOR, ...) are ignored;
+    # a variable naming a known section with an unknown key is an error.
+    for name, value in environ.items():
+        if not name.startswith("NEXUS_"):
+            continue
+        rest = name[len("NEXUS_"):].lower()
+        for section, cls in sections.items():
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1:]
+                types = _field_types(cls)
+                if key not in types:
+                    raise ConfigError(f"{name}: unknown setting {section}.{key} (known: {', '.join(types)})")
+                out.setdefault(section, {})[key] = _convert(value, types[key], name)
+                break
+    return out
+
+
+def add_cli_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting (`--section-key`, or the short name DESIGN.md gives)."""
+    for section, cls in _sections().items():
+        types = _field_types(cls)
+        group = parser.add_argument_group(f"[{section}] settings")
+        for f in fields(cls):
+            flag = SHORT_FLAGS.get(f"{section}.{f.name}", f"--{section}-{f.name.replace('_', '-')}")
+            kwargs = dict(dest=f"cfg__{section}__{f.name}", default=None,
+                          help=f"{f.metadata['help']} (default: {f.default!r})")
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            kwargs["type"] = (lambda t: (lambda s: _convert(s, t, "flag")))(types[f.name])
+            group.add_argument(flag, **kwargs)
+
+
+def _from_args(args: argparse.Namespace | None) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    if args is None:
+        return out
+    for name, value in vars(args).items():
+        if name.startswith("cfg__") and value is not None:
+            _, section, key = name.split("__", 2)
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_settings(home: Path | None = None, args: argparse.Namespace | None = None,
+                  environ=None, **overrides: dict) -> Settings:
+    """Resolve settings: defaults < home/nexus.toml < NEXUS_* env < CLI args < overrides."""
+    from nexus_core.paths import nexus_home
+
+    home = Path(home) if home else nexus_home()
+    values: dict[str, dict] = {}
+    _apply(values, _from_toml(home / "nexus.toml"))
+    _apply(values, _from_env(os.environ if environ is None else environ))
+    _apply(values, _from_args(args))
+    _apply(values, overrides)
+    sections = _sections()
+    kwargs = {}
+    for section, cls in sections.items():
+        types = _field_types(cls)
+        kv = values.get(section, {})
+        for key in kv:
+            if key not in types:
+                raise ConfigError(f"unknown setting {section}.{key}")
+        kwargs[section] = cls(**{k: _convert(v, types[k], f"{section}.{k}") for k, v in kv.items()})
+    return Settings(**kwargs)

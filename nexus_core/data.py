@@ -1,0 +1,183 @@
+"""Local datasets: discovery, loading with Hugging Face `datasets`, hash split, packing.
+
+`datasets/<category>/<name>/` holds jsonl, json, parquet, csv, txt files or a
+`save_to_disk` folder. A fixed hash split keeps a held-out share out of extraction and
+training forever: the same document always lands on the same side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nexus_core.errors import DatasetError, UnsafePathError
+from nexus_core.paths import DATASET_PART_RE, Paths
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+_PAIRS = (("prompt", "response"), ("question", "answer"), ("instruction", "output"))
+
+
+@dataclass(frozen=True, order=True)
+class DatasetRef:
+    category: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> "DatasetRef":
+        parts = text.strip().split("/")
+        if len(parts) != 2 or not all(DATASET_PART_RE.fullmatch(p) for p in parts):
+            raise DatasetError(f"dataset {text!r}: use category/name, e.g. reasoning/arithmetic")
+        return cls(*parts)
+
+    @property
+    def key(self) -> str:
+        return f"{self.category}/{self.name}"
+
+    @property
+    def slug(self) -> str:
+        """Folder name under memory/<teacher>/."""
+        return f"{self.category}__{self.name}"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def discover(paths: Paths) -> list[DatasetRef]:
+    """Every datasets/<category>/<name>/ folder that holds something."""
+    refs = []
+    if paths.datasets.exists():
+        for cat in sorted(paths.datasets.iterdir()):
+            if not cat.is_dir() or not DATASET_PART_RE.fullmatch(cat.name):
+                continue
+            for ds in sorted(cat.iterdir()):
+                if ds.is_dir() and DATASET_PART_RE.fullmatch(ds.name) and any(ds.iterdir()):
+                    refs.append(DatasetRef(cat.name, ds.name))
+    return refs
+
+
+def select(paths: Paths, spec: str) -> list[DatasetRef]:
+    """`all` or `c/n,c/n` -> refs; a named dataset that is missing is an error naming its folder."""
+    if not spec or spec.strip() == "all":
+        return discover(paths)
+    refs = sorted({DatasetRef.parse(s) for s in spec.split(",") if s.strip()})
+    for ref in refs:
+        folder = dataset_folder(paths, ref)
+        if not folder.is_dir():
+            raise DatasetError(f"dataset {ref}: folder {folder} does not exist; create it or drop it from --datasets")
+    return refs
+
+
+def dataset_folder(paths: Paths, ref: DatasetRef) -> Path:
+    try:
+        return paths.dataset_dir(ref.category, ref.name)
+    except UnsafePathError as exc:
+        raise DatasetError(str(exc)) from None
+
+
+def _row_text(row: dict, text_field: str) -> str | None:
+    if text_field:
+        v = row.get(text_field)
+        return v if isinstance(v, str) else None
+    v = row.get("text")
+    if isinstance(v, str):
+        return v
+    for a, b in _PAIRS:
+        if isinstance(row.get(a), str) and isinstance(row.get(b), str):
+            return f"{row[a]}\n{row[b]}"
+    v = row.get("content")
+    return v if isinstance(v, str) else None
+
+
+def load_texts(paths: Paths, ref: DatasetRef, text_field: str = "") -> list[str]:
+    """All documents of a dataset, in a fixed order (sorted files, then rows)."""
+    import datasets as hf_datasets
+
+    folder = dataset_folder(paths, ref)
+    if not folder.is_dir():
+        raise DatasetError(f"dataset {ref}: folder {folder} does not exist")
+    hf_datasets.disable_progress_bars()
+    cache_dir = str(paths.state_dir / "hf-datasets-cache")
+    try:
+        if (folder / "dataset_info.json").exists() or (folder / "state.json").exists():
+            ds = hf_datasets.load_from_disk(str(folder))
+            if isinstance(ds, hf_datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            parts = [ds]
+        else:
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS)
+            if not files:
+                raise DatasetError(f"dataset {ref}: {folder} holds no jsonl/json/parquet/csv/txt files or save_to_disk folder")
+            parts = []
+            for builder in sorted({_BUILDERS[p.suffix.lower()] for p in files}):
+                group = [str(p) for p in files if _BUILDERS[p.suffix.lower()] == builder]
+                kwargs = {"sample_by": "document"} if builder == "text" else {}
+                parts.append(hf_datasets.load_dataset(builder, data_files=group, split="train",
+                                                      cache_dir=cache_dir, **kwargs))
+    except DatasetError:
+        raise
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise DatasetError(f"dataset {ref}: cannot read {folder} ({type(exc).__name__}: {str(exc)[:200]})") from None
+    texts: list[str] = []
+    columns: set[str] = set()
+    for ds in parts:
+        columns.update(ds.column_names)
+        for row in ds:
+            t = _row_text(row, text_field)
+            if t and t.strip() and "\x00" not in t:
+                texts.append(t)
+    if not texts:
+        want = f"column {text_field!r}" if text_field else "a 'text' column, prompt+response or question+answer"
+        raise DatasetError(f"dataset {ref}: no usable text in {folder} (columns: {sorted(columns)}); it needs {want}")
+    return texts
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """Fixed hash split: a document's side depends on its content alone."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def split(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    train, heldout = [], []
+    for t in texts:
+        (heldout if is_heldout(t, fraction) else train).append(t)
+    return train, heldout
+
+
+def pack(tokenizer, texts: list[str], seq_len: int, max_sequences: int = 0):
+    """Tokenise documents, join them with EOS and cut the stream into seq_len rows.
+
+    Returns (input_ids int32 [n, T], attention_mask uint8 [n, T]); the last row is padded
+    (mask 0) with the pad id (or EOS when the tokenizer has no pad token).
+    """
+    import torch
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    stream: list[int] = []
+    limit = max_sequences * seq_len if max_sequences > 0 else None
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(eos)
+        if limit is not None and len(stream) >= limit:
+            break
+    if limit is not None:
+        stream = stream[:limit]
+    n = (len(stream) + seq_len - 1) // seq_len
+    if n == 0:
+        raise DatasetError("dataset produced no tokens after tokenisation")
+    ids = torch.full((n, seq_len), pad, dtype=torch.int32)
+    mask = torch.zeros((n, seq_len), dtype=torch.uint8)
+    flat = torch.tensor(stream, dtype=torch.int32)
+    ids.view(-1)[: len(stream)] = flat
+    mask.view(-1)[: len(stream)] = 1
+    return ids, mask
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
