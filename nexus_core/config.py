@@ -253,7 +253,7 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"[{section}] settings")
         for f in fields(cls):
             flag = SHORT_FLAGS.get(f"{section}.{f.name}", f"--{section}-{f.name.replace('_', '-')}")
-            kwargs = dict(dest=f"cfg__{section}__{f.name}", default=None,
+            kwargs = dict(dest=f"cfg__{section}__{f.name}", default=None, metavar=f.name.upper(),
                           help=f"{f.metadata['help']} (default: {f.default!r})")
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]

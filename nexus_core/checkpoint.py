@@ -1,0 +1,81 @@
+"""Distill checkpoints you can trust: atomic, numbered, weights-only.
+
+A checkpoint holds only tensors and primitive containers, so it loads with
+torch.load(weights_only=True) and never runs pickled code. `checkpoint_latest.pt` is
+replaced atomically; the last `keep` numbered copies `checkpoint_<step>.pt` stay beside it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from nexus_core.atomic import atomic_path
+from nexus_core.errors import CorruptArtifactError
+from nexus_core.paths import Paths
+
+FORMAT = 1
+# Key names (constants, so that writer and reader cannot drift apart).
+MODEL, OPTIMIZER, SCHEDULER, PROJECTIONS = "model", "optimizer", "scheduler", "projections"
+RNG, STEP, BASE_STEP, END_STEP, DATA_POSITION = "rng", "step", "base_step", "end_step", "data_position"
+CONFIG_HASH, PLAN_FP, STUDENT_CONFIG, STUDENT_INFO = "config_hash", "plan_fp", "student_config", "student_info"
+SKIPPED, VERSION = "skipped_sequences", "format"
+LATEST = "checkpoint_latest.pt"
+_NUMBERED = re.compile(r"checkpoint_(\d{8})\.pt")
+
+
+def latest_path(paths: Paths) -> Path:
+    return paths.checkpoints / LATEST
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(paths: Paths, state: dict, keep: int) -> Path:
+    """Write checkpoint_latest.pt atomically, then a numbered copy; prune numbered ones beyond `keep`."""
+    state = {**state, VERSION: FORMAT}
+    latest = latest_path(paths)
+    with atomic_path(latest) as tmp:
+        torch.save(state, tmp)
+    if keep > 0:
+        numbered = paths.checkpoints / f"checkpoint_{int(state[STEP]):08d}.pt"
+        with atomic_path(numbered) as tmp:
+            shutil.copyfile(latest, tmp)
+        old = sorted(p for p in paths.checkpoints.iterdir() if _NUMBERED.fullmatch(p.name))
+        for p in old[:-keep]:
+            p.unlink(missing_ok=True)
+    return latest
+
+
+def load(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint with weights_only=True; anything else is a CorruptArtifactError naming the file."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as exc:
+        raise CorruptArtifactError(
+            f"checkpoint {path}: cannot load it as a weights-only checkpoint (it is truncated, or holds pickled "
+            f"objects other than tensors and plain containers, which Nexus never unpickles): "
+            f"{str(exc).splitlines()[0][:200]}; delete it (or `nexus reset`) to start the distill afresh") from None
+    if not isinstance(state, dict) or state.get(VERSION) != FORMAT:
+        raise CorruptArtifactError(f"checkpoint {path}: not a Nexus distill checkpoint (format {FORMAT}); delete it to start afresh")
+    missing = [k for k in (MODEL, STEP, PLAN_FP, CONFIG_HASH, STUDENT_CONFIG) if k not in state]
+    if missing:
+        raise CorruptArtifactError(f"checkpoint {path}: missing keys {', '.join(missing)}; delete it to start afresh")
+    return state

@@ -1,0 +1,252 @@
+"""Teacher shards as training data: check them against the plan, read them lazily, in a seeded order.
+
+A *stream* is one dataset's rows as packed by the primary tokenizer, with the targets of
+every teacher that shares that tokenizer and has identical rows (same packing). Shards are
+opened with safetensors.safe_open (memory-mapped) and read one row slice at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import torch
+from safetensors import safe_open
+
+from nexus_core.atomic import sha256_file
+from nexus_core.config import Settings
+from nexus_core.data import DatasetRef
+from nexus_core.errors import CorruptArtifactError, PlanMismatchError
+from nexus_core.kd_loss import TeacherTargets
+from nexus_core.paths import Paths
+from nexus_core.plan import DistillPlan
+from nexus_core.registry import Teacher
+
+log = structlog.get_logger("nexus.distill")
+
+
+@dataclass
+class Source:
+    """One teacher's complete, verified shards for one dataset."""
+
+    teacher_id: str
+    weight: float
+    folder: Path
+    manifest: dict
+    files: list[Path]
+    rows: list[int]  # sequences per shard file
+
+    @property
+    def n(self) -> int:
+        return sum(self.rows)
+
+    def locate(self, row: int) -> tuple[Path, int]:
+        for f, r in zip(self.files, self.rows):
+            if row < r:
+                return f, row
+            row -= r
+        raise IndexError(row)
+
+
+@dataclass
+class Stream:
+    dataset: str
+    sources: list[Source]  # sources[0] supplies input_ids / attention_mask
+
+    @property
+    def n(self) -> int:
+        return self.sources[0].n
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (b, T) long
+    attention_mask: torch.Tensor  # (b, T) long
+    targets: list[TeacherTargets]
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # primary teacher layer -> (b, T, H)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: slice) -> "MicroBatch":
+        """Rows `idx` of this micro-batch (for out-of-memory splitting)."""
+        t = [TeacherTargets(x.weight, x.topk_ids[idx], x.topk_logprobs[idx], x.tail_logmass[idx]) for x in self.targets]
+        return MicroBatch(self.input_ids[idx], self.attention_mask[idx], t, {k: v[idx] for k, v in self.hidden.items()})
+
+    def to(self, device) -> "MicroBatch":
+        t = [TeacherTargets(x.weight, x.topk_ids.to(device), x.topk_logprobs.to(device), x.tail_logmass.to(device))
+             for x in self.targets]
+        return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), t,
+                          {k: v.to(device) for k, v in self.hidden.items()})
+
+
+def read_profile(paths: Paths, teacher_id: str) -> dict | None:
+    p = paths.profile(teacher_id)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CorruptArtifactError(f"profile {p}: cannot read it ({exc}); rerun the profile stage") from None
+
+
+def _read_manifest(folder: Path) -> dict:
+    mpath = folder / "manifest.json"
+    if not mpath.exists():
+        raise CorruptArtifactError(f"shards {folder}: no manifest.json; run the extract stage for this teacher and dataset")
+    try:
+        m = json.loads(mpath.read_text())
+        assert isinstance(m, dict) and isinstance(m["shards"], list)
+        return m
+    except (OSError, ValueError, KeyError, AssertionError) as exc:
+        raise CorruptArtifactError(f"shards {mpath}: unreadable manifest ({exc}); delete {folder} and rerun extract") from None
+
+
+def verify_source(cfg: Settings, paths: Paths, teacher: Teacher, dataset: str, tokenizer_fp: str | None) -> Source:
+    """Check one teacher's shards for one dataset against the plan; raise naming the bad shard."""
+    folder = paths.shard_dir(teacher.teacher_id, DatasetRef.parse(dataset).slug)
+    m = _read_manifest(folder)
+    where = f"shards {folder}"
+    redo = f"; delete {folder} (or `nexus reset`) and rerun extract"
+    if not m.get("complete"):
+        raise PlanMismatchError(f"{where}: extraction is not complete; rerun extract to finish it")
+    expect = {"teacher_id": teacher.teacher_id, "teacher_fp": teacher.fingerprint(), "dataset": dataset,
+              "k": cfg.extract.top_k, "seq_len": cfg.extract.seq_len}
+    if tokenizer_fp:
+        expect["tokenizer_fp"] = tokenizer_fp
+    for key, want in expect.items():
+        if m.get(key) != want:
+            raise PlanMismatchError(f"{where}/manifest.json: {key} is {m.get(key)!r} but the plan expects {want!r}{redo}")
+    k, T = cfg.extract.top_k, cfg.extract.seq_len
+    files, rows = [], []
+    for entry in m["shards"]:
+        f = folder / entry["file"]
+        if not f.is_file():
+            raise CorruptArtifactError(f"shard {f}: listed in the manifest but missing{redo}")
+        if sha256_file(f) != entry["sha256"]:
+            raise CorruptArtifactError(f"shard {f}: sha256 does not match the manifest (corrupt or changed){redo}")
+        n = int(entry["sequences"])
+        with safe_open(str(f), "pt") as h:
+            shapes = {name: list(h.get_slice(name).get_shape()) for name in h.keys()}
+        want_shapes = {"input_ids": [n, T], "attention_mask": [n, T], "topk_ids": [n, T, k],
+                       "topk_logprobs": [n, T, k], "tail_logmass": [n, T]}
+        for name, shape in want_shapes.items():
+            if shapes.get(name) != shape:
+                raise PlanMismatchError(f"shard {f}: tensor {name} has shape {shapes.get(name)}, expected {shape} "
+                                        f"(k={k}, seq_len={T}){redo}")
+        files.append(f)
+        rows.append(n)
+    if not files:
+        raise CorruptArtifactError(f"{where}: the manifest lists no shards{redo}")
+    return Source(teacher.teacher_id, teacher.weight, folder, m, files, rows)
+
+
+def _rows_digest(src: Source) -> str:
+    h = hashlib.sha256()
+    for f in src.files:
+        with safe_open(str(f), "pt") as fh:
+            h.update(fh.get_tensor("input_ids").numpy().tobytes())
+    return h.hexdigest()
+
+
+def open_streams(cfg: Settings, plan: DistillPlan, paths: Paths) -> tuple[list[Stream], dict]:
+    """Verify every shard the plan needs; group teachers with identical rows into streams.
+
+    Returns (streams, info) where info names the primary tokenizer fp and vocab and the
+    teachers left out of the KD mix (different tokenizer: logit KD needs a shared vocabulary).
+    """
+    primary_profile = read_profile(paths, plan.primary)
+    fps = {t.teacher_id: (read_profile(paths, t.teacher_id) or {}).get("tokenizer_fp") for t in plan.teachers}
+    sources: dict[str, list[Source]] = {}
+    for teacher, dataset in plan.extractions():
+        src = verify_source(cfg, paths, teacher, dataset, fps.get(teacher.teacher_id))
+        sources.setdefault(dataset, []).append(src)
+    primary_fp = (primary_profile or {}).get("tokenizer_fp")
+    if primary_fp is None:  # no profile: the primary's own manifests define the tokenizer
+        primary_fp = next((s.manifest.get("tokenizer_fp") for ss in sources.values() for s in ss
+                           if s.teacher_id == plan.primary), None)
+    skipped = sorted({s.teacher_id for ss in sources.values() for s in ss if s.manifest.get("tokenizer_fp") != primary_fp})
+    for tid in skipped:
+        log.warning("distill.teacher_left_out", teacher=tid,
+                    reason="tokenizer differs from the primary teacher's; logit distillation needs a shared vocabulary")
+    streams: list[Stream] = []
+    vocab = None
+    for dataset in sorted(sources):
+        groups: dict[str, list[Source]] = {}
+        ordered = sorted(sources[dataset], key=lambda s: (s.teacher_id != plan.primary, s.teacher_id))
+        for src in ordered:
+            if src.teacher_id in skipped:
+                continue
+            groups.setdefault(_rows_digest(src), []).append(src)
+            vocab = vocab or src.manifest.get("tokenizer_vocab")
+        streams.extend(Stream(dataset, group) for group in groups.values())
+    if not streams:
+        raise PlanMismatchError("no teacher shards share the primary teacher's tokenizer; nothing to distill")
+    return streams, {"tokenizer_fp": primary_fp, "vocab": vocab, "left_out": skipped}
+
+
+class ShardLoader:
+    """Micro-batches in a seeded order: an endless sequence, epoch after epoch.
+
+    Micro-batch m of the run is batch m % M of epoch m // M (M micro-batches per epoch), so the
+    data position is a single integer and resuming at step s reads exactly what an
+    uninterrupted run would have read.
+    """
+
+    def __init__(self, streams: list[Stream], batch_size: int, seed: int, hidden_layers: list[int] = (),
+                 primary: str = ""):
+        self.streams = streams
+        self.primary = primary  # hidden states are read only from the primary teacher (its layer numbers)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.hidden_layers = list(hidden_layers)
+        self.per_epoch = sum(math.ceil(s.n / batch_size) for s in streams)
+        self._epoch, self._order = -1, []
+        self._handles: dict[Path, object] = {}
+
+    def _epoch_order(self, epoch: int) -> list[tuple[int, list[int]]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        chunks = []
+        for si, s in enumerate(self.streams):
+            perm = torch.randperm(s.n, generator=g).tolist()
+            chunks += [(si, perm[i:i + self.batch_size]) for i in range(0, s.n, self.batch_size)]
+        return [chunks[i] for i in torch.randperm(len(chunks), generator=g).tolist()]
+
+    def _handle(self, f: Path):
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), "pt")  # memory-mapped; rows are sliced on demand
+        return self._handles[f]
+
+    def _row(self, src: Source, row: int, name: str) -> torch.Tensor:
+        f, r = src.locate(row)
+        return self._handle(f).get_slice(name)[r:r + 1]
+
+    def micro_batch(self, m: int) -> MicroBatch:
+        epoch, pos = divmod(m, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self._epoch_order(epoch)
+        si, rows = self._order[pos]
+        stream = self.streams[si]
+        first = stream.sources[0]
+        ids = torch.cat([self._row(first, r, "input_ids") for r in rows]).long()  # (b, T)
+        mask = torch.cat([self._row(first, r, "attention_mask") for r in rows]).long()  # (b, T)
+        targets = [TeacherTargets(
+            src.weight,
+            torch.cat([self._row(src, r, "topk_ids") for r in rows]).long(),  # (b, T, k)
+            torch.cat([self._row(src, r, "topk_logprobs") for r in rows]),  # (b, T, k) fp16
+            torch.cat([self._row(src, r, "tail_logmass") for r in rows]),  # (b, T)
+        ) for src in stream.sources]
+        hidden = {}
+        for layer in (self.hidden_layers if first.teacher_id == self.primary else ()):
+            name = f"hidden.{layer}"
+            if name in self._handle(first.files[0]).keys():
+                hidden[layer] = torch.cat([self._row(first, r, name) for r in rows])  # (b, T, H)
+        return MicroBatch(ids, mask, targets, hidden)
+
+    def close(self) -> None:
+        self._handles.clear()

@@ -1,0 +1,229 @@
+"""Profile stage: measure a teacher, choose how to run it (full or SLI), rank its layers.
+
+Everything is measured: parameter counts, bytes and dtypes from the safetensors headers
+(no weights loaded for that), vocabulary sizes from the config, weights and tokenizer, and
+layer importance as block influence (mean 1 - cos(layer input, layer output)) over a
+calibration sample of the teacher's training data, run in the mode the teacher will use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from nexus_core import data, safetensors_meta
+from nexus_core.atomic import write_json
+from nexus_core.config import Settings, parse_bytes
+from nexus_core.data import DatasetRef
+from nexus_core.errors import CorruptArtifactError, NexusError
+from nexus_core.paths import Paths
+from nexus_core.registry import Teacher
+from nexus_core.stages.context import StageContext, StageResult
+from nexus_core.teacher import (TeacherLoadError, default_dtype, load_config, load_tokenizer, open_runner,
+                                tokenizer_fingerprint, tokenizer_vocab)
+
+_EMBED_SUFFIXES = ("embed_tokens.weight", "embed_in.weight", "wte.weight", "word_embeddings.weight")
+_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+_ELEM_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[DatasetRef],
+                ctx: StageContext = StageContext()) -> StageResult:
+    out = paths.profile(teacher.teacher_id)
+    teacher_fp, settings_fp = teacher.fingerprint(), _settings_fp(cfg, teacher, datasets)
+    cached = _cached(out, teacher_fp, settings_fp)
+    if cached is not None:
+        return StageResult(artifacts=[out], data=_summary(cached, cached=True))
+    ctx.started()
+
+    # 1. Static facts: weights headers, config, tokenizer.
+    try:
+        meta = safetensors_meta.scan(Path(teacher.path))
+    except CorruptArtifactError as exc:
+        raise TeacherLoadError(f"teacher {teacher.teacher_id!r}: {exc}") from None
+    config = load_config(teacher)
+    tcfg = config.get_text_config()
+    tok = load_tokenizer(teacher)
+    head_vocab, real_vocab = _check_shapes(teacher, tcfg, meta), tokenizer_vocab(tok)
+    if real_vocab > head_vocab:
+        raise TeacherLoadError(f"teacher {teacher.teacher_id!r}: the tokenizer has {real_vocab} tokens but the model only "
+                               f"{head_vocab} vocabulary rows; the tokenizer does not belong to these weights")
+    moe = _moe(tcfg)
+    active = meta.active_params(*(moe.values() if moe else (None, None)))
+
+    # 2. Mode: full load or sequential layer ingestion.
+    device = cfg.resolved_device()
+    dtype = default_dtype(device, meta.main_dtype)
+    mode, reason, sli_ok, sli_why, sizes = choose_mode(cfg, teacher, config, meta, device, dtype)
+
+    # 3. Layer importance over a calibration sample, in that mode.
+    ids, mask, calib = _calibration(cfg, tok, paths, datasets)
+    runner = open_runner(teacher, mode, device, dtype, memory_budget_bytes=sizes["budget_bytes"])
+    try:
+        importance = _block_influence(runner, ids, mask, cfg.extract.batch_size)
+    finally:
+        runner.close()
+    L = len(importance)
+    n_critical = max(1, math.ceil(cfg.profile.critical_ratio * L))
+    critical = sorted(sorted(range(L), key=lambda i: (-importance[i], i))[:n_critical])
+
+    profile = {
+        "teacher_id": teacher.teacher_id, "teacher_fp": teacher_fp, "settings_fp": settings_fp,
+        "model_type": tcfg.model_type, "architecture": (config.architectures or [type(config).__name__])[0],
+        "params": meta.params, "active_params": active, "params_hint": teacher.params,
+        "bytes": meta.bytes, "dtypes": meta.dtypes, "weight_files": meta.files,
+        "layers": int(tcfg.num_hidden_layers), "hidden": int(tcfg.hidden_size),
+        "head_vocab": head_vocab, "config_vocab": int(tcfg.vocab_size), "tokenizer_vocab": real_vocab,
+        "vocab_padded": head_vocab > real_vocab, "tokenizer_fp": tokenizer_fingerprint(tok),
+        "chat_template": bool(getattr(tok, "chat_template", None)), "moe": moe,
+        "mode": mode, "mode_reason": reason, "sli_supported": sli_ok, "sli_unsupported_reason": sli_why,
+        "device": device, "dtype": str(dtype).replace("torch.", ""), **sizes,
+        "layer_importance": [round(float(x), 8) for x in importance], "critical_layers": critical,
+        "calibration": calib,
+    }
+    write_json(out, profile)
+    return StageResult(artifacts=[out], data=_summary(profile, cached=False))
+
+
+def choose_mode(cfg: Settings, teacher: Teacher, config, meta, device: str, dtype: torch.dtype):
+    """(mode, reason in words, sli_supported, why not, sizes) from --sli, the size and the memory budget."""
+    want = teacher.sli or cfg.run.sli
+    sli_ok, sli_why = _sli_support(config)
+    sizes = _footprint(cfg, config.get_text_config(), meta, device, dtype)
+    need, budget, source = sizes["footprint_bytes"], sizes["budget_bytes"], sizes["budget_source"]
+    fits = need <= budget
+    fit_words = f"estimated footprint {_gb(need)} {'fits' if fits else 'exceeds'} the memory budget {_gb(budget)} ({source})"
+    threshold = cfg.memory.sli_params_threshold
+    if want == "never":
+        return "full", f"--sli never; {fit_words}", sli_ok, sli_why, sizes
+    if want == "always":
+        why = "--sli always"
+    elif meta.params > threshold:
+        why = f"{meta.params / 1e9:.2f}B parameters > sli_params_threshold {threshold / 1e9:g}B"
+    elif not fits:
+        why = fit_words
+    else:
+        return "full", f"--sli auto: {fit_words}", sli_ok, sli_why, sizes
+    if sli_ok:
+        return "sli", why, sli_ok, sli_why, sizes
+    if fits:
+        return "full", f"{why}, but SLI cannot stream this model ({sli_why}); {fit_words}, so it is loaded whole", \
+            sli_ok, sli_why, sizes
+    raise NexusError(f"teacher {teacher.teacher_id!r}: {why}, and SLI cannot stream it ({sli_why}); "
+                     f"{fit_words}. Raise --memory-budget, use a machine with more memory, or pick another teacher")
+
+
+def _sli_support(config) -> tuple[bool, str | None]:
+    try:
+        from nexus_core import sli
+    except ImportError as exc:
+        return False, f"SLI is unavailable ({exc})"
+    ok, why = sli.sli_support(config)
+    return bool(ok), (None if ok else why)
+
+
+def _footprint(cfg: Settings, tcfg, meta, device: str, dtype: torch.dtype) -> dict:
+    """Weights at the load dtype + one batch of activations + one logits chunk + a margin, vs the budget."""
+    elem = _ELEM_BYTES.get(dtype, 4)
+    weights = meta.params * elem
+    B, T = cfg.extract.batch_size, cfg.extract.seq_len
+    H = int(tcfg.hidden_size)
+    inter = int(getattr(tcfg, "intermediate_size", None) or 4 * H)
+    vocab = int(tcfg.vocab_size)
+    acts = B * T * (8 * H + 3 * inter) * elem + min(B * T, cfg.extract.logit_chunk) * vocab * 4 * 3
+    need = weights + acts + int(0.1 * weights) + (64 << 20)
+    if cfg.memory.budget:
+        budget, source = parse_bytes(cfg.memory.budget), "--memory-budget"
+    elif str(device).startswith("cuda"):
+        budget, source = int(torch.cuda.mem_get_info()[0]), "free CUDA memory"
+    else:
+        import psutil
+
+        budget, source = int(psutil.virtual_memory().available), "available RAM"
+    return {"footprint_bytes": int(need), "budget_bytes": int(budget), "budget_source": source}
+
+
+def _check_shapes(teacher: Teacher, tcfg, meta) -> int:
+    """Config vs weights (embedding shape), without loading them; returns the LM head's rows."""
+    embed = next((t for s in _EMBED_SUFFIXES if (t := meta.find(s))), None)
+    head = next((t for s in _HEAD_SUFFIXES if (t := meta.find(s))), None)
+    if embed is not None and tuple(embed.shape) != (tcfg.vocab_size, tcfg.hidden_size):
+        raise TeacherLoadError(
+            f"teacher {teacher.teacher_id!r} ({teacher.path}): config.json says vocab_size={tcfg.vocab_size}, "
+            f"hidden_size={tcfg.hidden_size} but the embedding in the weights is {list(embed.shape)}; "
+            f"fix config.json or re-save the model")
+    return int((head or embed).shape[0]) if (head or embed) else int(tcfg.vocab_size)
+
+
+def _moe(tcfg) -> dict | None:
+    experts = next((getattr(tcfg, a) for a in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+                    if isinstance(getattr(tcfg, a, None), int) and getattr(tcfg, a) > 1), None)
+    per_tok = next((getattr(tcfg, a) for a in ("num_experts_per_tok", "moe_topk", "top_k_experts")
+                    if isinstance(getattr(tcfg, a, None), int)), None)
+    return {"experts": experts, "experts_per_tok": per_tok} if experts and per_tok else None
+
+
+def _calibration(cfg: Settings, tok, paths: Paths, datasets: list[DatasetRef]):
+    """calibration_samples packed sequences from the datasets' training splits (held-out never used)."""
+    n, T = cfg.profile.calibration_samples, cfg.extract.seq_len
+    if not datasets:  # no data named: a fixed random-token sample still ranks layers deterministically
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        ids = torch.randint(0, tokenizer_vocab(tok), (n, T), generator=g, dtype=torch.int32)
+        return ids, torch.ones(n, T, dtype=torch.uint8), {"source": "random tokens", "sequences": n, "tokens": n * T}
+    per = max(1, math.ceil(n / len(datasets)))
+    ids_parts, mask_parts = [], []
+    for ref in datasets:
+        train, _ = data.split(data.load_texts(paths, ref, cfg.extract.text_field), cfg.extract.heldout_fraction)
+        if train:
+            ids, mask = data.pack(tok, train, T, per)
+            ids_parts.append(ids)
+            mask_parts.append(mask)
+    if not ids_parts:
+        raise NexusError(f"profile: no training documents in {', '.join(map(str, datasets))} to calibrate on")
+    ids, mask = torch.cat(ids_parts)[:n], torch.cat(mask_parts)[:n]
+    return ids, mask, {"source": [str(d) for d in datasets], "sequences": int(ids.shape[0]), "tokens": int(mask.sum())}
+
+
+def _block_influence(runner, ids, mask, batch_size: int) -> list[float]:
+    """Token-weighted mean over batches of each layer's block influence."""
+    total = torch.zeros(runner.num_layers, dtype=torch.float64)
+    weight = 0.0
+    for b0 in range(0, ids.shape[0], batch_size):
+        m = mask[b0:b0 + batch_size]
+        out = runner.forward(ids[b0:b0 + batch_size], m, influence=True)
+        w = float(m.sum())
+        total += out.influence.double().cpu() * w
+        weight += w
+    return (total / max(weight, 1.0)).tolist()
+
+
+def _settings_fp(cfg: Settings, teacher: Teacher, datasets: list[DatasetRef]) -> str:
+    d = cfg.to_dict()
+    payload = {"profile": d["profile"], "memory": d["memory"], "sli": teacher.sli or d["run"]["sli"],
+               "device": cfg.resolved_device(), "seq_len": d["extract"]["seq_len"],
+               "heldout": d["extract"]["heldout_fraction"], "text_field": d["extract"]["text_field"],
+               "batch_size": d["extract"]["batch_size"], "datasets": sorted(map(str, datasets))}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached(out: Path, teacher_fp: str, settings_fp: str) -> dict | None:
+    try:
+        prof = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(prof, dict) and prof.get("teacher_fp") == teacher_fp and prof.get("settings_fp") == settings_fp
+    return prof if ok else None
+
+
+def _summary(p: dict, cached: bool) -> dict:
+    keys = ("params", "active_params", "layers", "hidden", "head_vocab", "tokenizer_vocab", "mode", "mode_reason",
+            "critical_layers")
+    return {**{k: p.get(k) for k in keys}, "cached": cached}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -1,0 +1,228 @@
+"""State as a pure fold of the event log: one small handler per event type.
+
+`replay(events) -> State` does no I/O. Whether a completed stage's artefacts still match
+is a separate check (`artifacts_intact`), made by whoever needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nexus_core.atomic import sha256_file
+from nexus_core.errors import CorruptLogError
+from nexus_core.keys import StageStatus
+
+
+@dataclass
+class TeacherState:
+    teacher_id: str
+    teacher: dict  # Teacher.to_dict()
+    source: str
+    active: bool = True
+
+
+@dataclass
+class StageState:
+    job_id: str
+    stage: str
+    teacher_id: str | None = None
+    dataset: str | None = None
+    plan: str | None = None
+    description: str = ""
+    status: StageStatus = StageStatus.QUEUED
+    spec: dict | None = None
+    depends_on: list = field(default_factory=list)
+    artifacts: list = field(default_factory=list)
+    progress: dict = field(default_factory=dict)
+    result: dict = field(default_factory=dict)
+    error: str | None = None
+    resume: dict = field(default_factory=dict)
+    started_ts: str | None = None
+    finished_ts: str | None = None
+    attempts: int = 0
+    last_checkpoint: dict | None = None
+    failed_seq: int | None = None
+    bad_input: bool = False
+
+
+@dataclass
+class State:
+    last_seq: int = 0
+    teachers: dict = field(default_factory=dict)  # teacher_id -> TeacherState
+    rejections: dict = field(default_factory=dict)  # source file -> {reason, teacher_id, seq}
+    stages: dict = field(default_factory=dict)  # job_id -> StageState
+    checkpoints: list = field(default_factory=list)
+    thermal: dict = field(default_factory=lambda: {"paused": False})
+    oom: list = field(default_factory=list)
+    resets: int = 0
+    runs: list = field(default_factory=list)
+
+    def active_teachers(self) -> list[dict]:
+        return [t.teacher for t in sorted(self.teachers.values(), key=lambda t: t.teacher_id) if t.active]
+
+    def stage(self, job_id: str) -> StageState | None:
+        return self.stages.get(job_id)
+
+
+def _stage(state: State, e) -> StageState:
+    st = state.stages.get(e.job_id)
+    if st is None:
+        st = state.stages[e.job_id] = StageState(job_id=e.job_id, stage=e.stage or e.job_id.split("-")[0],
+                                                  teacher_id=e.teacher_id)
+    return st
+
+
+def _teacher_added(state, e):
+    t = e.data["teacher"]
+    state.teachers[e.teacher_id] = TeacherState(e.teacher_id, t, t.get("source", ""), True)
+    state.rejections.pop(t.get("source", ""), None)
+
+
+def _teacher_removed(state, e):
+    if e.teacher_id in state.teachers:
+        state.teachers[e.teacher_id].active = False
+
+
+def _teacher_rejected(state, e):
+    state.rejections[e.data.get("source", "")] = {"reason": e.data.get("reason"), "teacher_id": e.teacher_id,
+                                                  "seq": e.seq}
+
+
+def _stage_queued(state, e):
+    st = _stage(state, e)
+    st.status = StageStatus.QUEUED
+    st.description = e.data.get("description", st.description)
+    st.dataset = e.data.get("dataset", st.dataset)
+    st.plan = e.data.get("plan", st.plan)
+    st.spec = e.data.get("spec", st.spec)
+    st.depends_on = e.data.get("depends_on", st.depends_on)
+    st.error = None
+
+
+def _stage_started(state, e):
+    st = _stage(state, e)
+    st.status = StageStatus.RUNNING
+    st.started_ts = e.ts
+    st.attempts += 1
+    st.resume = dict(e.data)
+    st.error = None
+
+
+def _stage_progress(state, e):
+    _stage(state, e).progress = dict(e.data)
+
+
+def _stage_completed(state, e):
+    st = _stage(state, e)
+    st.status = StageStatus.DONE
+    st.finished_ts = e.ts
+    st.artifacts = e.data.get("artifacts", [])
+    st.result = {k: v for k, v in e.data.items() if k != "artifacts"}
+
+
+def _stage_skipped(state, e):
+    st = _stage(state, e)
+    if st.status != StageStatus.DONE:
+        st.status = StageStatus.SKIPPED
+    st.finished_ts = e.ts
+
+
+def _stage_failed(state, e):
+    st = _stage(state, e)
+    st.status = StageStatus.FAILED
+    st.failed_seq = e.seq
+    st.bad_input = bool(e.data.get("bad_input"))
+    st.finished_ts = e.ts
+    st.error = e.data.get("error", "failed")
+
+
+def _stage_paused(state, e):
+    st = _stage(state, e)
+    if e.data.get("reason") in ("sigusr1", "sigterm", "interrupted"):
+        st.status = StageStatus.PAUSED
+    st.progress = {**st.progress, "paused": e.data.get("reason")}
+
+
+def _checkpoint_saved(state, e):
+    state.checkpoints.append({"job_id": e.job_id, "seq": e.seq, **e.data})
+    if e.job_id:
+        _stage(state, e).last_checkpoint = dict(e.data)
+
+
+def _thermal_pause(state, e):
+    state.thermal = {"paused": True, "since": e.ts, **e.data}
+
+
+def _thermal_resume(state, e):
+    state.thermal = {"paused": False, "resumed": e.ts, **e.data}
+
+
+def _oom(state, e):
+    state.oom.append({"job_id": e.job_id, **e.data})
+
+
+def _reset(state, e):
+    state.resets += 1
+
+
+def _run(state, e):
+    state.runs.append({"type": e.type, "ts": e.ts, **e.data})
+
+
+HANDLERS = {
+    "TeacherAdded": _teacher_added,
+    "TeacherUpdated": _teacher_added,
+    "TeacherRemoved": _teacher_removed,
+    "TeacherRejected": _teacher_rejected,
+    "StageQueued": _stage_queued,
+    "StageStarted": _stage_started,
+    "StageProgress": _stage_progress,
+    "StageCompleted": _stage_completed,
+    "StageSkipped": _stage_skipped,
+    "StageFailed": _stage_failed,
+    "StagePaused": _stage_paused,
+    "CheckpointSaved": _checkpoint_saved,
+    "ThermalPause": _thermal_pause,
+    "ThermalResume": _thermal_resume,
+    "OOMRecovered": _oom,
+    "PipelineReset": _reset,
+    "RunStarted": _run,
+    "RunFinished": _run,
+}
+
+
+def replay(events) -> State:
+    """Fold events (in seq order, gapless) into a State. Unknown types are kept out, not errors."""
+    state = State()
+    for e in events:
+        if state.last_seq and e.seq != state.last_seq + 1:
+            raise CorruptLogError(f"event seq {e.seq} follows {state.last_seq}: a gap in the log")
+        state.last_seq = e.seq
+        handler = HANDLERS.get(e.type)
+        if handler is not None:
+            handler(state, e)
+    return state
+
+
+_VERIFIED: dict[tuple, bool] = {}  # (path, size, mtime_ns, sha256) -> matched: hash each file once per change
+
+
+def artifacts_intact(stage: StageState, home: Path) -> bool:
+    """A done stage counts only while every artefact still has its recorded size and sha256."""
+    if stage.status != StageStatus.DONE or not stage.artifacts:
+        return False
+    for a in stage.artifacts:
+        p = Path(home) / a["path"]
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        if st.st_size != a["size"]:
+            return False
+        key = (str(p), st.st_size, st.st_mtime_ns, a["sha256"])
+        if key not in _VERIFIED:
+            _VERIFIED[key] = sha256_file(p) == a["sha256"]
+        if not _VERIFIED[key]:
+            return False
+    return True

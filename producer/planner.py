@@ -1,0 +1,105 @@
+"""Planning: from the replayed state and settings, the jobs the pipeline needs.
+
+Pure: no Redis, no writes. Job ids are `<stage>-<hash12>` over the stage's inputs, so the
+same inputs always give the same id and re-planning is idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from nexus_core.config import Settings
+from nexus_core.keys import Stage, StageStatus
+from nexus_core.plan import DistillPlan, choose_primary
+from nexus_core.registry import Teacher
+from nexus_core.state import State
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    stage: str
+    description: str
+    teacher_id: str | None
+    dataset: str | None
+    plan: str | None
+    depends_on: tuple[str, ...]
+    payload: dict = field(hash=False, compare=False)
+
+
+def job_id(stage: str, inputs: dict) -> str:
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{stage}-{digest}"
+
+
+def _selected(state: State, models: str) -> list[Teacher]:
+    wanted = {m.strip() for m in models.split(",") if m.strip()}
+    out = []
+    for d in state.active_teachers():
+        t = Teacher.from_dict(d)
+        if t.ready and (not wanted or t.teacher_id in wanted):
+            out.append(t)
+    return out
+
+
+def _failed(state: State, jid: str, since_seq: int | None) -> bool:
+    """A job that failed after `since_seq` is not retried in this pass, and is planned around."""
+    st = state.stages.get(jid)
+    return (since_seq is not None and st is not None and st.status == StageStatus.FAILED
+            and st.failed_seq is not None and st.failed_seq > since_seq)
+
+
+def plan_jobs(state: State, cfg: Settings, datasets: list[str], home: str,
+              failed_since_seq: int | None = None) -> tuple[list[JobSpec], DistillPlan | None]:
+    """Jobs in dependency order: profile(t) -> extract(t, d) -> distill(plan) -> router(plan).
+
+    Teachers whose profile, and (teacher, dataset) pairs whose extraction, failed after
+    `failed_since_seq` are left out of the distillation plan, so one bad teacher or
+    dataset does not stop the others.
+    """
+    teachers = _selected(state, cfg.run.models)
+    settings = cfg.to_dict()
+    specs: list[JobSpec] = []
+    healthy: list[tuple[Teacher, str, str]] = []  # (teacher, dataset, extract job id)
+    for t in teachers:
+        t_datasets = sorted(t.datasets) if t.datasets else sorted(datasets)
+        pid = job_id("profile", {"teacher": t.fingerprint(), "settings": cfg.fingerprint("profile", "memory"),
+                                 "sli": t.sli or cfg.run.sli, "datasets": t_datasets})
+        specs.append(JobSpec(pid, Stage.PROFILE.value, f"profile {t.teacher_id}", t.teacher_id, None, None, (),
+                             {"home": home, "stage": "profile", "settings": settings, "teacher": t.to_dict(),
+                              "datasets": t_datasets}))
+        if _failed(state, pid, failed_since_seq):
+            continue
+        for d in t_datasets:
+            eid = job_id("extract", {"teacher": t.fingerprint(), "dataset": d, "profile": pid,
+                                     "settings": cfg.fingerprint("extract")})
+            specs.append(JobSpec(eid, Stage.EXTRACT.value, f"extract {t.teacher_id} on {d}", t.teacher_id, d, None,
+                                 (pid,), {"home": home, "stage": "extract", "settings": settings,
+                                          "teacher": t.to_dict(), "dataset": d}))
+            if not _failed(state, eid, failed_since_seq):
+                healthy.append((t, d, eid))
+    plan_teachers = sorted({t.teacher_id: t for t, _, _ in healthy}.values(), key=lambda t: t.teacher_id)
+    if not plan_teachers:
+        return specs, None
+    # the plan keeps only the pairs that are healthy; teachers' own dataset lists are narrowed
+    pairs = {(t.teacher_id, d) for t, d, _ in healthy}
+    narrowed = []
+    for t in plan_teachers:
+        mine = tuple(sorted(d for tid, d in pairs if tid == t.teacher_id))
+        narrowed.append(Teacher.from_dict({**t.to_dict(), "datasets": list(mine)}))
+    plan = DistillPlan(teachers=tuple(narrowed), primary=choose_primary(narrowed),
+                       datasets=tuple(sorted({d for _, d in pairs})))
+    extract_ids = tuple(sorted(eid for _, _, eid in healthy))
+    did = job_id("distill", {"plan": plan.fingerprint(), "extracts": extract_ids,
+                             "settings": cfg.fingerprint("distill", "student")})
+    names = ", ".join(t.teacher_id for t in plan.teachers)
+    specs.append(JobSpec(did, Stage.DISTILL.value, f"distill {names} into the student on {len(plan.datasets)} dataset(s)",
+                         None, None, plan.fingerprint(), extract_ids,
+                         {"home": home, "stage": "distill", "settings": settings, "plan": plan.to_dict()}))
+    rid = job_id("router", {"distill": did, "settings": cfg.fingerprint("router")})
+    specs.append(JobSpec(rid, Stage.ROUTER.value, f"router over {len(plan.datasets)} domain(s)", None, None,
+                         plan.fingerprint(), (did,),
+                         {"home": home, "stage": "router", "settings": settings, "plan": plan.to_dict()}))
+    return specs, plan

@@ -1,0 +1,121 @@
+"""Registry scan: compare registry/ with the replayed state and return the events to record.
+
+`diff_registry` is pure (files' parse results + state -> events); `scan_registry` reads the
+folder, retries half-written files, and appends what `diff_registry` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nexus_core.errors import RegistryError
+from nexus_core.events import EventLog
+from nexus_core.paths import Paths
+from nexus_core.registry import Teacher, parse_registry_file, registry_files
+from nexus_core.state import State
+
+FRESH_WRITE_S = 2.0  # a file modified this recently that does not parse may still be being written
+
+
+@dataclass
+class PlannedEvent:
+    type: str
+    teacher_id: str | None
+    data: dict
+
+
+@dataclass
+class ScanResult:
+    events: list = field(default_factory=list)  # the Event objects appended
+    pending: list = field(default_factory=list)  # files still being written: retry later
+
+    @property
+    def rejected(self) -> list:
+        return [e for e in self.events if e.type == "TeacherRejected"]
+
+
+def diff_registry(parsed: dict[str, tuple[list[Teacher], list[RegistryError]]], state: State) -> list[PlannedEvent]:
+    """Events that bring `state` in line with the parsed registry files (source -> result)."""
+    out: list[PlannedEvent] = []
+    claimed: dict[str, str] = {}  # teacher_id -> source that owns it this scan
+    # An id already registered keeps its file; others are claimed in sorted file order.
+    for tid, ts in state.teachers.items():
+        if ts.active and ts.source in parsed and any(t.teacher_id == tid for t in parsed[ts.source][0]):
+            claimed[tid] = ts.source
+    for source in sorted(parsed):
+        teachers, rejections = parsed[source]
+        for exc in rejections:
+            prior = state.rejections.get(source)
+            if prior is None or prior.get("reason") != exc.reason:
+                out.append(PlannedEvent("TeacherRejected", exc.teacher_id, {"source": source, "reason": exc.reason,
+                                                                            "message": str(exc)}))
+        for t in teachers:
+            owner = claimed.setdefault(t.teacher_id, source)
+            if owner != source:
+                reason = f"field 'teacher_id': {t.teacher_id!r} is already registered by {owner}; rename one of them"
+                prior = state.rejections.get(source)
+                if prior is None or prior.get("reason") != reason:
+                    out.append(PlannedEvent("TeacherRejected", t.teacher_id,
+                                            {"source": source, "reason": reason, "message": f"{source}: {reason}"}))
+                continue
+            current = state.teachers.get(t.teacher_id)
+            data = {"teacher": t.to_dict(), "fingerprint": t.fingerprint()}
+            if current is None or not current.active:
+                out.append(PlannedEvent("TeacherAdded", t.teacher_id, data))
+            elif Teacher.from_dict(current.teacher).fingerprint() != t.fingerprint():
+                out.append(PlannedEvent("TeacherUpdated", t.teacher_id, data))
+    for tid, ts in sorted(state.teachers.items()):
+        if ts.active and claimed.get(tid) is None:
+            out.append(PlannedEvent("TeacherRemoved", tid, {"source": ts.source}))
+    return out
+
+
+def _parse_with_retry(file: Path, home: Path, wait: bool) -> tuple[list[Teacher], list[RegistryError]] | None:
+    """Parse; a file that is not valid JSON yet and was written just now is retried (or deferred)."""
+    while True:
+        result = parse_registry_file(file, home)
+        teachers, rejections = result
+        half_written = (not teachers and rejections and "not valid JSON" in rejections[0].reason)
+        try:
+            age = time.time() - file.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if not half_written or age >= FRESH_WRITE_S:
+            return result
+        if not wait:
+            return None  # caller retries after its debounce
+        time.sleep(min(0.25, FRESH_WRITE_S - age + 0.01))
+
+
+def scan_registry(paths: Paths, log: EventLog, state: State, wait: bool = True) -> ScanResult:
+    """Read every registry file, append TeacherAdded/Updated/Removed/Rejected as needed."""
+    result = ScanResult()
+    parsed = {}
+    for file in registry_files(paths.registry):
+        r = _parse_with_retry(file, paths.home, wait)
+        source = parse_source(file, paths.home)
+        if r is None:
+            if file.exists():
+                result.pending.append(file)
+                # keep what the state knows about this file until it settles
+                parsed[source] = ([Teacher.from_dict(t.teacher) for t in state.teachers.values()
+                                   if t.active and t.source == source], [])
+            continue
+        parsed[source] = r
+    for pe in diff_registry(parsed, state):
+        result.events.append(log.append(pe.type, teacher_id=pe.teacher_id, data=pe.data))
+    return result
+
+
+def parse_source(file: Path, home: Path) -> str:
+    try:
+        return str(file.resolve().relative_to(home.resolve()))
+    except ValueError:
+        return str(file)
+
+
+def rejection_lines(result: ScanResult) -> list[str]:
+    return [e.data.get("message") or json.dumps(e.data) for e in result.rejected]

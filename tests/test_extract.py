@@ -1,0 +1,259 @@
+"""Extract stage: stored targets against the model itself, held-out split, resume, corruption, disk, OOM."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from nexus_core import data, model_factory as mf, shards  # noqa: E402
+from nexus_core.config import load_settings  # noqa: E402
+from nexus_core.data import DatasetRef  # noqa: E402
+from nexus_core.errors import DatasetError, DiskFullError, NexusError, StageInterrupted  # noqa: E402
+from nexus_core.paths import Paths  # noqa: E402
+from nexus_core.registry import parse_teacher  # noqa: E402
+from nexus_core.stages.context import Control, StageContext  # noqa: E402
+from nexus_core.stages.extract import run_extract  # noqa: E402
+from nexus_core.stages.profile import run_profile  # noqa: E402
+
+DOCS = [f"<<{i:04d}>> {i} plus {i * 3 % 17} is {i + i * 3 % 17}. the cat sat on mat {i % 7}." for i in range(160)]
+PADDED_VOCAB = 320
+K = 8
+
+
+class Recorder(StageContext):
+    """Records every call; `stop_after` shards done -> poll() answers STOP_USR1."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.calls: list[tuple[str, dict]] = []
+        self.stop_after = stop_after
+
+    def started(self, **d): self.calls.append(("started", d))
+    def progress(self, **d): self.calls.append(("progress", d))
+    def oom_recovered(self, **d): self.calls.append(("oom", d))
+    def checkpoint_saved(self, step, reason, path=None): self.calls.append(("checkpoint", {"step": step, "reason": reason}))
+
+    def poll(self):
+        done = sum(1 for c in self.calls if c[0] == "progress")
+        return Control.STOP_USR1 if self.stop_after is not None and done >= self.stop_after else Control.CONTINUE
+
+    def of(self, kind):
+        return [d for c, d in self.calls if c == kind]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return mf.train_tokenizer(DOCS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("teachers")
+    out = {}
+    for arch in ("llama", "qwen2"):
+        model = mf.build_model(mf.make_config(arch, vocab_size=PADDED_VOCAB, tokenizer=tokenizer), seed=2)
+        out[arch] = (mf.save_model(model, tokenizer, root / arch), model)
+    return out
+
+
+def setup_home(home: Path, teacher_dir: Path, docs=DOCS, **sections):
+    """Dataset + settings + teacher + profile in a fresh NEXUS_HOME."""
+    folder = home / "datasets" / "reasoning" / "arith"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    base = {"run": {"device": "cpu"}, "profile": {"calibration_samples": 4},
+            "extract": {"seq_len": 32, "top_k": K, "batch_size": 4, "shard_size": 8, "max_samples": 0,
+                        "logit_chunk": 48}}
+    for sec, kv in sections.items():
+        base.setdefault(sec, {}).update(kv)
+    cfg = load_settings(home=home, environ={}, **base)
+    teacher = parse_teacher({"teacher_id": "tiny", "path": str(teacher_dir), "status": "ready"}, "test", home)
+    ref = DatasetRef("reasoning", "arith")
+    run_profile(cfg, teacher, Paths(home), [ref])
+    return cfg, teacher, ref, Paths(home)
+
+
+def shard_files(paths: Paths) -> dict[str, bytes]:
+    d = paths.shard_dir("tiny", "reasoning__arith")
+    return {p.name: p.read_bytes() for p in sorted(d.glob("shard-*.safetensors"))}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_topk_equals_direct_model(tmp_path, teachers, arch):
+    path, model = teachers[arch]
+    tokenizer = AutoTokenizer.from_pretrained(path)  # the teacher's own tokenizer (qwen2 loads Qwen2Tokenizer)
+    cfg, teacher, ref, paths = setup_home(tmp_path, path, extract={"max_samples": 12})
+    res = run_extract(cfg, teacher, ref, paths)
+    out_dir = paths.shard_dir("tiny", "reasoning__arith")
+    man = shards.read_manifest(out_dir)
+    assert man["complete"] and man["k"] == K and man["seq_len"] == 32 and man["tokenizer_vocab"] == len(tokenizer)
+    assert [s["sequences"] for s in man["shards"]] == [8, 4] and res.data["sequences"] == 12
+    assert res.artifacts == [out_dir / "shard-00000.safetensors", out_dir / "shard-00001.safetensors",
+                             out_dir / "manifest.json"]
+    assert shards.verify_shards(out_dir) == []
+    st = {k: torch.cat([load_file(out_dir / f)[k] for f in ("shard-00000.safetensors", "shard-00001.safetensors")])
+          for k in ("input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass")}
+    assert st["input_ids"].dtype == torch.int32 and st["attention_mask"].dtype == torch.uint8
+    assert st["topk_logprobs"].dtype == torch.float16 and st["tail_logmass"].dtype == torch.float32
+    ids, mask = data.pack(tokenizer, data.split(DOCS, cfg.extract.heldout_fraction)[0], 32, 12)
+    assert torch.equal(st["input_ids"], ids) and torch.equal(st["attention_mask"], mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids.long(), attention_mask=mask.long()).logits.float()  # (n, T, 320)
+    logp = torch.log_softmax(logits[..., : len(tokenizer)], dim=-1)  # padded rows are not tokens
+    top_v, top_i = logp.topk(K, dim=-1)
+    real = mask.bool()
+    assert int(st["topk_ids"].max()) < len(tokenizer)
+    assert torch.equal(st["topk_ids"][real], top_i[real].int())
+    torch.testing.assert_close(st["topk_logprobs"][real].float(), top_v[real], atol=2e-3, rtol=1e-3)
+    tail = torch.log1p(-top_v.exp().sum(-1))  # log(1 - sum p_topk) from the full logits
+    torch.testing.assert_close(st["tail_logmass"][real], tail[real], atol=1e-4, rtol=1e-4)
+    assert 0 < man["kept_mass"]["p5"] <= man["kept_mass"]["mean"] < 1
+
+
+def test_heldout_documents_never_extracted(tmp_path, teachers):
+    tokenizer = AutoTokenizer.from_pretrained(teachers["llama"][0])
+    cfg, teacher, ref, paths = setup_home(tmp_path, teachers["llama"][0], extract={"heldout_fraction": 0.2})
+    run_extract(cfg, teacher, ref, paths)
+    train, heldout = data.split(DOCS, 0.2)
+    assert heldout and train
+    text = ""
+    for blob in shard_files(paths):
+        t = load_file(paths.shard_dir("tiny", "reasoning__arith") / blob)
+        text += tokenizer.decode(t["input_ids"][t["attention_mask"].bool()].tolist())
+    assert all(d[:8] not in text for d in heldout)
+    assert all(d[:8] in text for d in train)
+    man = shards.read_manifest(paths.shard_dir("tiny", "reasoning__arith"))
+    assert man["documents"] == {"train": len(train), "heldout": len(heldout)}
+
+
+def test_interrupt_and_resume_is_byte_identical(tmp_path, teachers):
+    path = teachers["llama"][0]
+    cfg, teacher, ref, ref_paths = setup_home(tmp_path / "a", path)
+    run_extract(cfg, teacher, ref, ref_paths)
+    expected = shard_files(ref_paths)
+    assert len(expected) >= 3
+
+    cfg, teacher, ref, paths = setup_home(tmp_path / "b", path)
+    stopper = Recorder(stop_after=1)
+    with pytest.raises(StageInterrupted) as exc:
+        run_extract(cfg, teacher, ref, paths, stopper)
+    assert exc.value.reason == "sigusr1"
+    assert list(shard_files(paths)) == ["shard-00000.safetensors"]
+    assert stopper.of("checkpoint") == [{"step": 1, "reason": "sigusr1"}]
+    man = shards.read_manifest(paths.shard_dir("tiny", "reasoning__arith"))
+    assert man["complete"] is False and len(man["shards"]) == 1
+
+    ctx = Recorder()
+    res = run_extract(cfg, teacher, ref, paths, ctx)
+    assert ctx.of("started") == [{"resume_shard": 1}] and res.data["resume_shard"] == 1
+    assert [p["shard"] for p in ctx.of("progress")] == list(range(2, len(expected) + 1))
+    assert shard_files(paths) == expected
+    # A finished extraction reruns as a no-op.
+    ctx = Recorder()
+    run_extract(cfg, teacher, ref, paths, ctx)
+    assert ctx.of("started") == [{"resume_shard": len(expected)}] and ctx.of("progress") == []
+
+
+def test_corrupt_shard_is_detected_and_reextracted(tmp_path, teachers):
+    cfg, teacher, ref, paths = setup_home(tmp_path, teachers["qwen2"][0])
+    run_extract(cfg, teacher, ref, paths)
+    expected = shard_files(paths)
+    out_dir = paths.shard_dir("tiny", "reasoning__arith")
+    victim = out_dir / "shard-00001.safetensors"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    problems = shards.verify_shards(out_dir)
+    assert len(problems) == 1 and "shard-00001" in problems[0] and "sha256" in problems[0]
+    ctx = Recorder()
+    run_extract(cfg, teacher, ref, paths, ctx)
+    assert ctx.of("started") == [{"resume_shard": 1}]
+    assert shard_files(paths) == expected and shards.verify_shards(out_dir) == []
+
+
+def test_full_disk_fails_cleanly(tmp_path, teachers, monkeypatch):
+    cfg, teacher, ref, paths = setup_home(tmp_path, teachers["llama"][0])
+    out_dir = paths.shard_dir("tiny", "reasoning__arith")
+    # 1. Not enough room to start: refused up front, with the bytes needed.
+    monkeypatch.setenv(shards.DISK_LIMIT_ENV, "5000")
+    with pytest.raises(DiskFullError, match=r"needs about \d+ bytes"):
+        run_extract(cfg, teacher, ref, paths)
+    assert shard_files(paths) == {}
+    # 2. The disk fills mid-run (the estimate is bypassed): the shard being written leaves nothing behind.
+    monkeypatch.setattr(shards, "free_bytes_for", lambda d: 1 << 40)
+    one_shard = 8 * 32 * (4 + 1 + 6 * K + 4) + 1024
+    monkeypatch.setenv(shards.DISK_LIMIT_ENV, str(int(one_shard * 1.5)))
+    with pytest.raises(DiskFullError, match="disk full"):
+        run_extract(cfg, teacher, ref, paths)
+    assert list(shard_files(paths)) == ["shard-00000.safetensors"]
+    assert [p.name for p in out_dir.iterdir() if p.name.startswith(".")] == []  # no temp files
+    assert shards.verify_shards(out_dir) == []
+    # 3. Space again: resumes after the intact shard.
+    monkeypatch.delenv(shards.DISK_LIMIT_ENV)
+    ctx = Recorder()
+    run_extract(cfg, teacher, ref, paths, ctx)
+    assert ctx.of("started") == [{"resume_shard": 1}] and shards.read_manifest(out_dir)["complete"]
+
+
+def test_oom_injection_splits_and_skips(tmp_path, teachers):
+    path = teachers["llama"][0]
+    cfg, teacher, ref, ref_paths = setup_home(tmp_path / "a", path)
+    run_extract(cfg, teacher, ref, ref_paths)
+    cfg2, teacher, ref, paths = setup_home(tmp_path / "b", path, faults={"oom_at_batches": "1,3"})
+    ctx = Recorder()
+    res = run_extract(cfg2, teacher, ref, paths, ctx)
+    # Batch 1 = rows 4..7, batch 3 = rows 12..15: halves are retried, the first row still fails and is skipped.
+    assert [(o["batch"], o["skipped"]) for o in ctx.of("oom")] == [(1, [4]), (3, [12])]
+    assert all(o["stage"] == "extract" and o["splits"] == 3 for o in ctx.of("oom"))
+    man = shards.read_manifest(paths.shard_dir("tiny", "reasoning__arith"))
+    assert man["skipped_sequences"] == [4, 12] and res.data["skipped_sequences"] == 2
+
+    def rows(p):
+        d = p.shard_dir("tiny", "reasoning__arith")
+        parts = [load_file(f) for f in sorted(d.glob("shard-*.safetensors"))]
+        return {k: torch.cat([t[k] for t in parts]) for k in parts[0]}
+
+    full, got = rows(ref_paths), rows(paths)
+    keep = [i for i in range(full["input_ids"].shape[0]) if i not in (4, 12)]
+    for key in full:
+        assert torch.equal(got[key], full[key][keep]), key
+
+
+def test_hidden_states_of_critical_layers(tmp_path, teachers):
+    path, model = teachers["llama"]
+    cfg, teacher, ref, paths = setup_home(tmp_path, path, extract={"save_hidden": True, "max_samples": 4})
+    run_extract(cfg, teacher, ref, paths)
+    prof = json.loads(paths.profile("tiny").read_text())
+    (layer,) = prof["critical_layers"]
+    t = load_file(paths.shard_dir("tiny", "reasoning__arith") / "shard-00000.safetensors")
+    assert shards.read_manifest(paths.shard_dir("tiny", "reasoning__arith"))["hidden_layers"] == [layer]
+    with torch.no_grad():
+        hs = model(input_ids=t["input_ids"].long(), attention_mask=t["attention_mask"].long(),
+                   output_hidden_states=True).hidden_states
+    if layer < len(hs) - 2:  # hidden_states[-1] is after the final norm
+        torch.testing.assert_close(t[f"hidden.{layer}"], hs[layer + 1].half())
+    assert t[f"hidden.{layer}"].shape == (4, 32, 64) and t[f"hidden.{layer}"].dtype == torch.float16
+
+
+def test_dataset_and_profile_errors(tmp_path, teachers):
+    cfg, teacher, ref, paths = setup_home(tmp_path, teachers["llama"][0])
+    missing = DatasetRef("reasoning", "nope")
+    with pytest.raises(DatasetError, match="reasoning/nope"):
+        run_extract(cfg, teacher, missing, paths)
+    empty = tmp_path / "datasets" / "code" / "empty"
+    empty.mkdir(parents=True)
+    with pytest.raises(DatasetError, match=str(empty)):
+        run_extract(cfg, teacher, DatasetRef("code", "empty"), paths)
+    nocol = tmp_path / "datasets" / "code" / "nocol"
+    nocol.mkdir(parents=True)
+    (nocol / "x.jsonl").write_text('{"foo": "bar"}\n{"foo": "baz"}\n')
+    with pytest.raises(DatasetError, match=str(nocol) + r".*text"):
+        run_extract(cfg, teacher, DatasetRef("code", "nocol"), paths)
+    paths.profile("tiny").unlink()
+    with pytest.raises(NexusError, match="run the profile stage"):
+        run_extract(cfg, teacher, ref, paths)

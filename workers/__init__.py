@@ -1,0 +1,1 @@
+"""Workers: the GPU worker that runs stage jobs, and the thermal monitor."""

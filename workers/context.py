@@ -1,0 +1,129 @@
+"""The worker's StageContext: records events, honours signals and the pause key.
+
+Signal handlers only set flags; the stage acts on them at its next batch boundary
+through `poll()`. A second SIGINT/SIGTERM aborts at once (KeyboardInterrupt).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+from nexus_core import keys
+from nexus_core.events import EVENT_TYPES, EventLog
+from nexus_core.stages.context import Control, StageContext
+
+PAUSE_CHECK_EVERY_S = 0.25
+
+
+class Flags:
+    """Process-wide signal flags (one job runs at a time in this process)."""
+
+    usr1 = False
+    usr2 = False
+    term = 0
+    stop_after_job = False  # the worker stops taking jobs (USR1, TERM)
+
+    @classmethod
+    def reset_for_job(cls) -> None:
+        cls.usr1 = cls.usr2 = False
+        cls.term = 0
+
+
+def _on_usr1(signum, frame):
+    Flags.usr1 = True
+
+
+def _on_usr2(signum, frame):
+    Flags.usr2 = True
+
+
+def _on_term(signum, frame):
+    Flags.term += 1
+    if Flags.term >= 2:
+        raise KeyboardInterrupt("second interrupt: aborting the current batch")
+
+
+class signal_handlers:
+    """Install the job-time handlers, restore the previous ones afterwards."""
+
+    SIGNALS = {signal.SIGUSR1: _on_usr1, signal.SIGUSR2: _on_usr2, signal.SIGTERM: _on_term, signal.SIGINT: _on_term}
+
+    def __enter__(self):
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+        for s, h in self.SIGNALS.items():
+            signal.signal(s, h)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        return False
+
+
+class WorkerContext(StageContext):
+    def __init__(self, log: EventLog, conn, job_id: str, stage: str, teacher_id: str | None):
+        self.log, self.conn = log, conn
+        self.job_id, self.stage, self.teacher_id = job_id, stage, teacher_id
+        self.was_started = False
+        self._next_pause_check = 0.0
+        self._paused_for: str | None = None
+
+    def _append(self, type_: str, **data):
+        return self.log.append(type_, teacher_id=self.teacher_id, stage=self.stage, job_id=self.job_id, data=data)
+
+    def started(self, **data) -> None:
+        if not self.was_started:
+            self.was_started = True
+            self._append("StageStarted", **data)
+
+    def progress(self, **data) -> None:
+        self._append("StageProgress", **data)
+
+    def checkpoint_saved(self, step, reason, path=None) -> None:
+        self._append("CheckpointSaved", step=int(step), reason=reason, **({"path": str(path)} if path else {}))
+
+    def oom_recovered(self, **data) -> None:
+        self._append("OOMRecovered", **data)
+
+    def note(self, event_type: str, **data) -> None:
+        if event_type in EVENT_TYPES:
+            self._append(event_type, **data)
+        else:
+            self._append("StageProgress", note=event_type, **data)
+
+    def _pause_reason(self) -> dict | None:
+        try:
+            return keys.read_pause(self.conn)
+        except Exception:
+            return None  # Redis gone: keep working; the log is the source of truth
+
+    def poll(self) -> Control:
+        if Flags.term:
+            return Control.STOP_TERM
+        if Flags.usr1:
+            return Control.STOP_USR1
+        if Flags.usr2:
+            Flags.usr2 = False
+            return Control.CHECKPOINT
+        now = time.monotonic()
+        if now >= self._next_pause_check:
+            self._next_pause_check = now + PAUSE_CHECK_EVERY_S
+            if self._pause_reason():
+                return Control.PAUSE
+        return Control.CONTINUE
+
+    def wait_while_paused(self) -> None:
+        reason = self._pause_reason()
+        if not reason:
+            return
+        t0 = time.monotonic()
+        self._append("StagePaused", reason=reason.get("reason", "pause"), detail=reason)
+        while self._pause_reason() and not (Flags.term or Flags.usr1):
+            time.sleep(0.1)
+        self._append("StageProgress", resumed=True, paused_s=round(time.monotonic() - t0, 3))
+
+
+def describe(payload: dict) -> str:
+    return json.dumps({k: payload.get(k) for k in ("stage", "dataset")})
