@@ -100,7 +100,7 @@ def cmd_monitor(args, paths: Paths) -> int:
 
     cfg = load_settings(paths.home, args)
     url, _server = resolve_url(paths)
-    return monitor_main(cfg, paths, connect(url))
+    return monitor_main(cfg, paths, connect(url), quiet_if_off=args.quiet_if_off)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

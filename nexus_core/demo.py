@@ -67,8 +67,8 @@ class DemoSpec:
     def small(cls) -> "DemoSpec":
         """Tiny sizes for tests: seconds, not minutes."""
         t = cls().teachers
-        return cls(data=DataSpec(arithmetic_rows=400, stdlib_bytes=100_000, stdlib_max_file_bytes=6000), vocab_size=384, seq_len=64,
-                   eval_rows=8,
+        data = DataSpec(arithmetic_rows=400, stdlib_bytes=100_000, stdlib_max_file_bytes=6000)
+        return cls(data=data, vocab_size=384, seq_len=64, eval_rows=8,
                    teachers=(replace(t[0], hidden=48, layers=2, heads=4, kv_heads=2, intermediate=96,
                                      steps=40, batch_size=8, lr=5e-3),
                              replace(t[1], hidden=48, layers=2, heads=4, kv_heads=1, intermediate=96,
@@ -260,10 +260,6 @@ def _tokenizer(cache: Path, texts: list[str], vocab: int, fp: str):
 
 # --- the entry point -------------------------------------------------------------------------
 
-def _rows(tok, texts: list[str], seq_len: int, cap: int = 0):
-    return pack(tok, texts, seq_len, max_sequences=cap)
-
-
 def _mixed_rows(code, arith, n: int, code_share: float, seed: int):
     """n training rows, a code_share of them drawn (with replacement) from the code rows."""
     import torch
@@ -275,7 +271,7 @@ def _mixed_rows(code, arith, n: int, code_share: float, seed: int):
     return torch.cat([code[0][ic], arith[0][ia]]), torch.cat([code[1][ic], arith[1][ia]])
 
 
-def _train_teacher(ts: TeacherSpec, tok, train_rows, eval_sets, spec: DemoSpec, progress) -> dict:
+def _train_teacher(ts: TeacherSpec, tok, train_rows, eval_sets, progress) -> dict:
     import torch
 
     config = make_config(ts.arch, vocab_size=len(tok), hidden=ts.hidden, layers=ts.layers, heads=ts.heads,
@@ -357,11 +353,11 @@ def prepare_demo(paths: Paths, cfg: Settings, console=None, spec: DemoSpec | Non
         _say(console, "tokenizer ready", vocab=len(tok), cached=tok_cached)
         if not tok_cached:  # a fresh tokenizer invalidates every teacher: they must share one
             todo = list(spec.teachers)
-        train_rows = (_rows(tok, parts[CODE][0], spec.seq_len), _rows(tok, parts[ARITH][0], spec.seq_len))
-        eval_sets = {name: _rows(tok, parts[name][1], spec.seq_len, spec.eval_rows) for name in (ARITH, CODE)}
+        train_rows = (pack(tok, parts[CODE][0], spec.seq_len), pack(tok, parts[ARITH][0], spec.seq_len))
+        eval_sets = {name: pack(tok, parts[name][1], spec.seq_len, spec.eval_rows) for name in (ARITH, CODE)}
         with _progress(console) as progress:
             for ts in todo:
-                res = _train_teacher(ts, tok, train_rows, eval_sets, spec, progress)
+                res = _train_teacher(ts, tok, train_rows, eval_sets, progress)
                 model = res.pop("model")
                 tmp = _tmp_dir(folders[ts.name])
                 _quiet_save(model, tok, tmp)
@@ -377,6 +373,7 @@ def prepare_demo(paths: Paths, cfg: Settings, console=None, spec: DemoSpec | Non
         m = markers[ts.name]
         _register(paths, ts, folders[ts.name], m["params"])
         teachers[ts.name] = {"path": str(folders[ts.name]), "params": m["params"],
+                             "params_hint": format_params(m["params"]),
                              "heldout_loss": m["heldout_loss"], "untrained_loss": m["untrained_loss"],
                              "heldout_by_dataset": m["heldout_by_dataset"],
                              "untrained_by_dataset": m["untrained_by_dataset"],

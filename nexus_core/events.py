@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from dataclasses import dataclass, field
+from typing import NamedTuple
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,15 +26,16 @@ EVENT_TYPES = frozenset({
 })
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
+    """An immutable fact. A NamedTuple rather than a dataclass: replay builds 100k+ of them."""
+
     seq: int
     ts: str
     type: str
     teacher_id: str | None = None
     stage: str | None = None
     job_id: str | None = None
-    data: dict = field(default_factory=dict)
+    data: dict = {}
     v: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -55,33 +56,55 @@ def _upgrade(obj: dict) -> dict:
 
 
 def _event_from(obj: dict) -> Event:
-    obj = _upgrade(obj)
-    return Event(seq=obj["seq"], ts=obj["ts"], type=obj["type"], teacher_id=obj.get("teacher_id"),
-                 stage=obj.get("stage"), job_id=obj.get("job_id"), data=obj.get("data") or {}, v=obj["v"])
+    if "v" not in obj:
+        obj = _upgrade(obj)
+    g = obj.get
+    return Event(obj["seq"], obj["ts"], obj["type"], g("teacher_id"), g("stage"), g("job_id"), g("data") or {}, obj["v"])
 
 
 def parse_lines(raw: bytes, source: str = "events/log.jsonl") -> list[dict]:
     """Decode log bytes into event dicts. A torn final line is dropped; other bad lines raise."""
-    lines = raw.split(b"\n")
-    torn_tail = lines[-1] != b""  # no final newline: the last write never finished
-    body = lines[:-1]
+    end = raw.rfind(b"\n") + 1  # bytes after the last newline are a torn write: ignored
+    body = raw[:end]
+    if not body:
+        return []
+    try:
+        # one parse over the whole log is ~3x faster than one per line
+        out = json.loads(b"[" + body[:-1].replace(b"\n", b",") + b"]")
+        if all(isinstance(o, dict) for o in out) and len(out) == body.count(b"\n"):
+            _check_seqs(out, source)
+            return out
+    except (ValueError, RecursionError):
+        pass
+    return _parse_line_by_line(body, source)  # slow path: find the bad line and say which
+
+
+def _check_seqs(out: list[dict], source: str) -> None:
+    prev = None
+    for i, obj in enumerate(out, start=1):
+        seq = obj.get("seq")
+        if not isinstance(seq, int) or not isinstance(obj.get("type"), str):
+            raise CorruptLogError(f"{source}: line {i} is not a valid event; restore the log from a backup "
+                                  f"or archive it with `nexus reset`")
+        if prev is not None and seq != prev + 1:
+            raise CorruptLogError(f"{source}: line {i} has seq {seq}, expected {prev + 1} (a gap: lines are missing)")
+        prev = seq
+
+
+def _parse_line_by_line(body: bytes, source: str) -> list[dict]:
     out: list[dict] = []
-    for i, line in enumerate(body, start=1):
+    for i, line in enumerate(body.split(b"\n")[:-1], start=1):
         if not line.strip():
             raise CorruptLogError(f"{source}: line {i} is empty; the log was edited or corrupted")
         try:
             obj = json.loads(line)
-            if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int) or not isinstance(obj.get("type"), str):
+            if not isinstance(obj, dict):
                 raise ValueError("not an event")
         except (ValueError, RecursionError):
             raise CorruptLogError(f"{source}: line {i} is not a valid event; restore the log from a backup "
                                   f"or archive it with `nexus reset`") from None
-        expected = out[-1]["seq"] + 1 if out else None
-        if expected is not None and obj["seq"] != expected:
-            raise CorruptLogError(f"{source}: line {i} has seq {obj['seq']}, expected {expected} (a gap: lines are missing)")
         out.append(obj)
-    if torn_tail and lines[-1].strip():
-        pass  # ignored: the next writer repairs it
+    _check_seqs(out, source)
     return out
 
 

@@ -57,7 +57,9 @@ def student_buckets(student_logp: torch.Tensor, topk_ids: torch.Tensor) -> torch
 
 def bucket_kl(student_logp_T: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
               tail_logmass: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) per position over k+1 buckets: -> (N,). Not yet scaled by T^2."""
+    """KL(teacher || student) per position over k+1 buckets: (..., V), (..., k), (..., k), (...) -> (...).
+
+    Not yet scaled by T^2."""
     q_log = teacher_buckets(topk_logprobs, tail_logmass, temperature)  # (N, k+1)
     s_log = student_buckets(student_logp_T, topk_ids.long())  # (N, k+1)
     return (q_log.exp() * (q_log - s_log)).sum(-1)
@@ -111,13 +113,10 @@ def loss_sums(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
     if alpha > 0 and targets:
         logp_T = logp if temperature == 1.0 else F.log_softmax(z / temperature, dim=-1)
         total_w = sum(t.weight for t in targets)
-        sel = kd_mask.view(-1)
-        flat = logp_T.view(-1, logp_T.shape[-1])[sel]  # (N, V) real positions only
         for t in targets:
-            kl = bucket_kl(flat, t.topk_ids.reshape(-1, t.topk_ids.shape[-1])[sel],
-                           t.topk_logprobs.reshape(-1, t.topk_logprobs.shape[-1])[sel],
-                           t.tail_logmass.reshape(-1)[sel], temperature)  # (N,)
-            kd = kd + (t.weight / total_w) * kl.sum()
+            # All positions at once (no boolean-index copy of the (b, T, V) tensor); padding is zeroed after.
+            kl = bucket_kl(logp_T, t.topk_ids, t.topk_logprobs, t.tail_logmass, temperature)  # (b, T)
+            kd = kd + (t.weight / total_w) * torch.where(kd_mask, kl, 0.0).sum()
     return LossSums(kd=kd, ce=ce)
 
 

@@ -36,7 +36,8 @@ def _chunk(vocab: int, n: int = 3, T: int = 12, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, vocab, (n, T), generator=g)
     mask = torch.ones(n, T, dtype=torch.long)
-    mask[1, :4] = 0
+    if n > 1:
+        mask[1, :4] = 0
     if n > 2:
         mask[2, T - 3:] = 0
     return ids, mask

@@ -39,6 +39,8 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     profile = _load_profile(paths, teacher)
     tok = load_tokenizer(teacher)
     tok_fp, real_vocab = tokenizer_fingerprint(tok), tokenizer_vocab(tok)
+    if profile.get("teacher_fp") != teacher.fingerprint():
+        raise NexusError(f"teacher {teacher.teacher_id!r} changed since it was profiled; rerun the profile stage")
     if profile.get("tokenizer_fp") != tok_fp:
         raise NexusError(f"teacher {teacher.teacher_id!r}: its tokenizer changed since it was profiled; rerun the profile stage")
     if ex.top_k > real_vocab:
@@ -58,6 +60,7 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
             "teacher_fp": profile["teacher_fp"], "dataset": dataset.key, "tokenizer_fp": tok_fp,
             "mode": profile["mode"], "k": ex.top_k, "seq_len": ex.seq_len, "hidden_layers": hidden_layers,
             "tokenizer_vocab": real_vocab, "settings_fp": _settings_fp(cfg, hidden_layers),
+            "data_fp": hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()[:16],
             "shard_size": S, "planned_shards": n_shards, "planned_sequences": n,
             "documents": {"train": len(train), "heldout": len(heldout)}}
     kept = _resumable(out_dir, base)
@@ -82,8 +85,9 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     # 4. Extract shard by shard; batches never cross a shard boundary (resume-exact).
     device = cfg.resolved_device()
     budget = _budget(cfg)
-    runner = open_runner(teacher, profile["mode"], device, memory_budget_bytes=budget)
-    oom_batches = {int(b) for b in cfg.faults.oom_at_batches.replace(" ", "").split(",") if b}
+    dtype = getattr(torch, profile["dtype"]) if profile.get("device") == device else None  # as profiled
+    runner = open_runner(teacher, profile["mode"], device, dtype, memory_budget_bytes=budget)
+    oom_batches = _oom_batches(cfg.faults.oom_at_batches)
     per_shard = (S + ex.batch_size - 1) // ex.batch_size
     t0, tokens_done = time.perf_counter(), 0
     try:
@@ -144,6 +148,14 @@ def _batch_with_oom(runner, ids, mask, b0, b1, batch_no, oom_batches, ex, real_v
     return merged, skip_l + skip_r, 1 + n_l + n_r
 
 
+def _oom_batches(spec: str) -> set[int]:
+    """--faults-oom-at-batches "3,7": batch numbers (from 0, in extraction order) that raise out-of-memory."""
+    try:
+        return {int(b) for b in spec.replace(" ", "").split(",") if b}
+    except ValueError:
+        raise ConfigError(f"--faults-oom-at-batches {spec!r}: use batch numbers such as 3,7") from None
+
+
 def _batch_start(batch_no: int, ex) -> int:
     per_shard = (ex.shard_size + ex.batch_size - 1) // ex.batch_size
     s, j = divmod(batch_no, per_shard)
@@ -200,7 +212,7 @@ def _resumable(out_dir: Path, base: dict) -> list[dict]:
         old = shards.read_manifest(out_dir)
     except Exception:
         old = None
-    keys = ("teacher_fp", "tokenizer_fp", "settings_fp", "dataset", "k", "seq_len", "hidden_layers")
+    keys = ("teacher_fp", "tokenizer_fp", "settings_fp", "data_fp", "dataset", "k", "seq_len", "hidden_layers")
     if old is None or any(old.get(k) != base[k] for k in keys):
         for stale in out_dir.glob("shard-*.safetensors") if out_dir.exists() else ():
             stale.unlink()  # another run's shards: never mixed with this one's
