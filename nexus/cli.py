@@ -237,6 +237,7 @@ def cmd_route(args, paths: Paths) -> int:
     from nexus_core.stages.router import route
 
     out = route(paths, args.text)
+    out = {"intent": out["label"], **out}
     if args.json:
         print(json.dumps(out, indent=2))
     else:

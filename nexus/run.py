@@ -106,7 +106,9 @@ def run_pipeline(paths: Paths, cfg: Settings, console=None) -> int:
                 last_plan["rejected"] = True
                 for e in result.scan.rejected:
                     print(f"rejected: {e.data.get('message')}", file=sys.stderr)
-            last_plan["router"] = result.specs[-1].job_id if result.plan else None
+            routers = [s.job_id for s in result.specs if s.stage == "router"]
+            if result.plan is not None:
+                last_plan["router"] = routers[0] if routers else None
             return result
 
         def watch_registry():  # a teacher dropped mid-run joins this run

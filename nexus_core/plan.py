@@ -18,6 +18,9 @@ class DistillPlan:
     teachers: tuple[Teacher, ...]  # ready teachers in the plan, sorted by id
     primary: str  # the teacher whose tokenizer (and pruned layers) the student inherits
     datasets: tuple[str, ...]  # "category/name" keys, sorted
+    # (teacher_id, dataset) pairs left out, e.g. because their extraction failed; the
+    # teachers themselves stay as registered so that their fingerprints match the shards
+    excluded: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         assert any(t.teacher_id == self.primary for t in self.teachers), "primary must be in the plan"
@@ -27,8 +30,9 @@ class DistillPlan:
         return next(t for t in self.teachers if t.teacher_id == self.primary)
 
     def teacher_datasets(self, teacher: Teacher) -> tuple[str, ...]:
-        """Datasets a teacher is extracted on: its own list, else the plan's."""
-        return tuple(sorted(teacher.datasets)) if teacher.datasets else self.datasets
+        """Datasets a teacher's shards come from: its own list, else the plan's, less exclusions."""
+        mine = tuple(sorted(teacher.datasets)) if teacher.datasets else self.datasets
+        return tuple(d for d in mine if (teacher.teacher_id, d) not in self.excluded)
 
     def extractions(self) -> list[tuple[Teacher, str]]:
         return [(t, d) for t in self.teachers for d in self.teacher_datasets(t)]
@@ -36,16 +40,19 @@ class DistillPlan:
     def fingerprint(self) -> str:
         body = {"teachers": sorted(t.fingerprint() for t in self.teachers), "primary": self.primary,
                 "datasets": list(self.datasets)}
+        if self.excluded:
+            body["excluded"] = sorted(map(list, self.excluded))
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return {"teachers": [t.to_dict() for t in self.teachers], "primary": self.primary,
-                "datasets": list(self.datasets), "fingerprint": self.fingerprint()}
+                "datasets": list(self.datasets), "excluded": [list(p) for p in self.excluded],
+                "fingerprint": self.fingerprint()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DistillPlan":
         return cls(teachers=tuple(Teacher.from_dict(t) for t in d["teachers"]), primary=d["primary"],
-                   datasets=tuple(d["datasets"]))
+                   datasets=tuple(d["datasets"]), excluded=tuple(tuple(p) for p in d.get("excluded", ())))
 
 
 def choose_primary(teachers: list[Teacher]) -> str:

@@ -154,8 +154,10 @@ class StreamingRunner:
         with ExitStack() as stack:
             files: dict[Path, object] = {}
             for p in self.groups[key]:
-                skip = lazy and bool(p.src.experts)
-                tensors[p.name] = self._host_tensor(p, files, stack, experts=set() if skip else None)
+                if lazy and p.src.experts:  # filled on demand by _expert_hook; untouched rows cost no RAM
+                    tensors[p.name] = torch.empty(p.meta.shape, dtype=p.dtype, device=self.device)
+                else:  # decoder layers are read ahead in full; embedding rows fault in as the lookup needs them
+                    tensors[p.name] = self._host_tensor(p, files, stack, touch=isinstance(key, int))
         return self._to_device(tensors, lazy)
 
     def _get(self, key: str, files: dict, stack: ExitStack) -> torch.Tensor:
@@ -168,7 +170,8 @@ class StreamingRunner:
         self.stats["bytes_read"] += t.numel() * t.element_size()
         return t
 
-    def _host_tensor(self, p: _Param, files: dict, stack: ExitStack, experts: set[int] | None = None):
+    def _host_tensor(self, p: _Param, files: dict, stack: ExitStack, experts: set[int] | None = None,
+                     touch: bool = True):
         """(shape of p) in p.dtype on the host (pinned on CUDA); fused experts filled for `experts` (None: all)."""
         pin = self.device.type == "cuda"
         if p.src.key is not None:
@@ -176,7 +179,9 @@ class StreamingRunner:
             if tuple(raw.shape) != tuple(p.meta.shape):
                 raise SLIUnsupportedError(f"{self.model_dir}: {p.src.key} has shape {tuple(raw.shape)}, the model "
                                           f"expects {tuple(p.meta.shape)}; config.json does not match the weights")
-            if raw.dtype == p.dtype and not pin:
+            if raw.dtype == p.dtype and not pin:  # zero-copy view of the mapping: fault its pages in here,
+                if touch:                         # on the prefetch thread, not mid-compute
+                    raw.reshape(-1).view(torch.uint8)[::4096].sum()
                 return raw
             return torch.empty(raw.shape, dtype=p.dtype, pin_memory=pin).copy_(raw)
         out = torch.empty(p.meta.shape, dtype=p.dtype, pin_memory=pin)  # (E, rows, cols); untouched rows stay unpaged

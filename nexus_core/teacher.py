@@ -146,7 +146,10 @@ class FullRunner:
         teacher = Teacher(teacher_id or Path(model_dir).name, str(model_dir), "ready", "",
                           trust_remote_code=trust_remote_code)
         self.config = load_config(teacher)
-        dtype = dtype or default_dtype(device)
+        if dtype is None:
+            from nexus_core.safetensors_meta import scan
+
+            dtype = default_dtype(device, scan(Path(model_dir)).main_dtype)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype=dtype, use_safetensors=True,

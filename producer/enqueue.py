@@ -22,7 +22,8 @@ from nexus_core.state import State, artifacts_intact, replay
 from producer.planner import JobSpec
 
 JOB_FUNC = "workers.jobs.run_stage"
-LIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.FINISHED}
+LIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.FINISHED,
+        JobStatus.CREATED, JobStatus.READY_TO_ENQUEUE}
 
 
 def queue_for(conn) -> Queue:

@@ -82,15 +82,13 @@ def plan_jobs(state: State, cfg: Settings, datasets: list[str], home: str,
                 healthy.append((t, d, eid))
     plan_teachers = sorted({t.teacher_id: t for t, _, _ in healthy}.values(), key=lambda t: t.teacher_id)
     if not plan_teachers:
-        return specs, None
-    # the plan keeps only the pairs that are healthy; teachers' own dataset lists are narrowed
+        return _without_failed(specs, state, failed_since_seq), None
     pairs = {(t.teacher_id, d) for t, d, _ in healthy}
-    narrowed = []
-    for t in plan_teachers:
-        mine = tuple(sorted(d for tid, d in pairs if tid == t.teacher_id))
-        narrowed.append(Teacher.from_dict({**t.to_dict(), "datasets": list(mine)}))
-    plan = DistillPlan(teachers=tuple(narrowed), primary=choose_primary(narrowed),
-                       datasets=tuple(sorted({d for _, d in pairs})))
+    all_datasets = sorted({d for _, d in pairs})
+    excluded = tuple(sorted((t.teacher_id, d) for t in plan_teachers
+                            for d in (sorted(t.datasets) if t.datasets else all_datasets) if (t.teacher_id, d) not in pairs))
+    plan = DistillPlan(teachers=tuple(plan_teachers), primary=choose_primary(plan_teachers),
+                       datasets=tuple(all_datasets), excluded=excluded)
     extract_ids = tuple(sorted(eid for _, _, eid in healthy))
     did = job_id("distill", {"plan": plan.fingerprint(), "extracts": extract_ids,
                              "settings": cfg.fingerprint("distill", "student")})
@@ -102,4 +100,16 @@ def plan_jobs(state: State, cfg: Settings, datasets: list[str], home: str,
     specs.append(JobSpec(rid, Stage.ROUTER.value, f"router over {len(plan.datasets)} domain(s)", None, None,
                          plan.fingerprint(), (did,),
                          {"home": home, "stage": "router", "settings": settings, "plan": plan.to_dict()}))
-    return specs, plan
+    return _without_failed(specs, state, failed_since_seq), plan
+
+
+def _without_failed(specs: list[JobSpec], state: State, since_seq: int | None) -> list[JobSpec]:
+    """Drop jobs that failed in this run, and everything downstream of them: no retry loops."""
+    dropped: set[str] = set()
+    out = []
+    for spec in specs:
+        if _failed(state, spec.job_id, since_seq) or any(d in dropped for d in spec.depends_on):
+            dropped.add(spec.job_id)
+            continue
+        out.append(spec)
+    return out

@@ -25,13 +25,17 @@ DEBOUNCE_S = 0.3
 REPLAN_EVERY_S = 2.0  # a growing log (progress events) re-plans at most this often
 
 
+_CHANGES = {"created", "modified", "moved", "deleted", "closed"}
+
+
 class _Dirty(FileSystemEventHandler):
     def __init__(self):
         self.changed_at = 0.0
         self.event = threading.Event()
 
     def on_any_event(self, event):
-        if event.is_directory:
+        # reads of registry files (our own scans) raise opened/closed_no_write: not changes
+        if event.is_directory or event.event_type not in _CHANGES:
             return
         self.changed_at = time.monotonic()
         self.event.set()

@@ -111,7 +111,7 @@ def _setup(cfg, plan, paths, device, ctx):
     return model.to(device).train(), info, prev if resume else None, step, base
 
 
-def _projections(cfg, plan, paths, model, info, hidden_layers) -> torch.nn.ModuleDict:
+def _projections(plan, paths, model, hidden_layers) -> torch.nn.ModuleDict:
     """A learned projection per critical layer when student and teacher widths differ."""
     profile = read_profile(paths, plan.primary) or {}
     t_width = profile.get("hidden") or model.config.hidden_size
@@ -141,7 +141,7 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
     n_student = model.config.num_hidden_layers
     to_student = {l: student_layer_for(l, info["kept_layers"], n_student, info["teacher_layers"]) for l in hidden_layers}
     tap = _HiddenTap(model, set(to_student.values())) if hidden_layers else None
-    proj = _projections(cfg, plan, paths, model, info, hidden_layers).to(device)
+    proj = _projections(plan, paths, model, hidden_layers).to(device)
     loader = ShardLoader(streams, d.batch_size, cfg.run.seed, hidden_layers, primary=plan.primary)
     planned = math.ceil(d.epochs * loader.per_epoch / d.grad_accum)
     end = base + (min(d.max_steps, planned) if d.max_steps > 0 else planned)
