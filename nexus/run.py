@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from nexus_core.state import replay
 from producer.enqueue import queue_for
 from producer.sync import sync_once
 from producer.watch import start_observer
-from workers.context import Flags
+from workers.context import Flags, install_process_handlers
 from workers.worker import run_worker
 
 log = structlog.get_logger("nexus.run")
@@ -83,10 +84,17 @@ def _outcome(paths: Paths, run_seq: int, plan_router: str | None, rejected: bool
     return 0 if router is not None and router.status == StageStatus.DONE else 1
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_pipeline(paths: Paths, cfg: Settings, console=None) -> int:
     from nexus.summary import print_summary
 
     paths.ensure()
+    # outside a job, SIGTERM stops like Ctrl+C (inside one, the job's handlers checkpoint first)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    install_process_handlers()
     with RunLock(paths):
         url, server = resolve_url(paths)
         conn = connect(url)
@@ -138,6 +146,13 @@ def run_pipeline(paths: Paths, cfg: Settings, console=None) -> int:
                 if not result.created and queue_for(conn).count == 0:
                     break
             code = _outcome(paths, run_seq, last_plan["router"], last_plan["rejected"], interrupted)
+            if code == 0:  # the plan completed: results/report.md + report.json (a failure here costs no work)
+                try:
+                    from nexus_core.report import build_report
+
+                    build_report(paths)
+                except Exception as exc:
+                    log.error("report failed; rerun `nexus report`", error=str(exc))
             print_summary(paths, console=console, interrupted=interrupted)
             return code
         except KeyboardInterrupt:

@@ -7,12 +7,14 @@ replaced atomically; the last `keep` numbered copies `checkpoint_<step>.pt` stay
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import re
 import shutil
 from pathlib import Path
 
+import structlog
 import torch
 
 from nexus_core.atomic import atomic_path
@@ -26,6 +28,7 @@ RNG, STEP, BASE_STEP, END_STEP, DATA_POSITION = "rng", "step", "base_step", "end
 CONFIG_HASH, PLAN_FP, STUDENT_CONFIG, STUDENT_INFO = "config_hash", "plan_fp", "student_config", "student_info"
 SKIPPED, VERSION = "skipped_sequences", "format"
 LATEST = "checkpoint_latest.pt"
+log = structlog.get_logger("nexus.checkpoint")
 _NUMBERED = re.compile(r"checkpoint_(\d{8})\.pt")
 
 
@@ -53,7 +56,15 @@ def save(paths: Paths, state: dict, keep: int) -> Path:
     state = {**state, VERSION: FORMAT}
     latest = latest_path(paths)
     with atomic_path(latest) as tmp:
-        torch.save(state, tmp)
+        # through a Python file object: ENOSPC then surfaces as OSError (-> DiskFullError in
+        # atomic_path); torch.save(state, path) reports it as an opaque RuntimeError instead
+        with open(tmp, "wb") as fh:
+            try:
+                torch.save(state, fh)
+            except RuntimeError as exc:  # torch's zip writer masks the OSError in its cleanup
+                if isinstance(exc.__context__, OSError):
+                    raise exc.__context__ from None
+                raise
     if keep > 0:
         numbered = paths.checkpoints / f"checkpoint_{int(state[STEP]):08d}.pt"
         with atomic_path(numbered) as tmp:
@@ -79,3 +90,32 @@ def load(path: Path, map_location="cpu") -> dict:
     if missing:
         raise CorruptArtifactError(f"checkpoint {path}: missing keys {', '.join(missing)}; delete it to start afresh")
     return state
+
+
+def load_latest_good(paths: Paths, map_location="cpu") -> dict | None:
+    """The newest checkpoint that loads: checkpoint_latest.pt, else the numbered copies newest first.
+
+    A truncated or corrupt file is never used: a good numbered copy is restored over
+    checkpoint_latest.pt; when none loads, the bad latest is renamed `*.corrupt` and None
+    is returned (the distill starts afresh, deterministically).
+    """
+    latest = latest_path(paths)
+    if not latest.exists():
+        return None
+    try:
+        return load(latest, map_location)
+    except CorruptArtifactError as exc:
+        problem = str(exc)
+    numbered = sorted((p for p in paths.checkpoints.iterdir() if _NUMBERED.fullmatch(p.name)), reverse=True)
+    for p in numbered:
+        try:
+            state = load(p, map_location)
+        except CorruptArtifactError:
+            continue
+        with atomic_path(latest) as tmp:
+            shutil.copyfile(p, tmp)
+        log.warning("checkpoint.restored", bad=problem[:200], restored_from=p.name)
+        return state
+    os.replace(latest, latest.with_name(LATEST + ".corrupt"))
+    log.warning("checkpoint.discarded", bad=problem[:200])
+    return None

@@ -111,6 +111,7 @@ class StreamingRunner:
         for i, layer in enumerate(self.layers):
             self.groups[i] = self._group(layer, names)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        _return_freed_memory()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sli-prefetch") if prefetch else None
         self._tail: _Loaded | None = None
         self._hooks: list = []
@@ -394,6 +395,21 @@ class StreamingRunner:
             self._tail = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _return_freed_memory() -> None:
+    """Serve host allocations ≥ 4 MiB from mmap so freed layers/activations go back to the OS at once.
+
+    glibc otherwise raises its mmap threshold after the first large free and keeps later
+    freed blocks in the heap, so a stream of layer-sized tensors would ratchet RSS upward."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD (fixed => no dynamic raise)
+        libc.mallopt(-1, 8 << 20)  # M_TRIM_THRESHOLD (a raised threshold would have lifted it to 2x, up to 64 MiB)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def _write(dst: torch.Tensor, s: int, e: int, src: torch.Tensor) -> torch.Tensor:

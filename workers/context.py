@@ -26,13 +26,16 @@ class Flags:
     stop_after_job = False  # the worker stops taking jobs (USR1, TERM)
 
     @classmethod
-    def reset_for_job(cls) -> None:
+    def clear_handled(cls) -> None:
+        """After a job: its signals were acted on. (Signals that arrive between jobs stay set,
+        so the next job pauses or checkpoints at its first batch boundary.)"""
         cls.usr1 = cls.usr2 = False
         cls.term = 0
 
 
 def _on_usr1(signum, frame):
     Flags.usr1 = True
+    Flags.stop_after_job = True
 
 
 def _on_usr2(signum, frame):
@@ -43,6 +46,13 @@ def _on_term(signum, frame):
     Flags.term += 1
     if Flags.term >= 2:
         raise KeyboardInterrupt("second interrupt: aborting the current batch")
+
+
+def install_process_handlers() -> None:
+    """For `nexus run` / `nexus worker` between jobs: USR1/USR2 only set flags (their default
+    action would kill the process)."""
+    signal.signal(signal.SIGUSR1, _on_usr1)
+    signal.signal(signal.SIGUSR2, _on_usr2)
 
 
 class signal_handlers:

@@ -96,7 +96,6 @@ def run_stage(payload: dict) -> dict:
         return {"skipped": True}
 
     ctx = WorkerContext(events, conn, job_id, stage, teacher_id)
-    Flags.reset_for_job()
     t0 = time.monotonic()
     bound.info("stage started")
     try:
@@ -126,11 +125,11 @@ def run_stage(payload: dict) -> dict:
         fail_dependents(job, conn, events, message.splitlines()[0][:200] if message else type(exc).__name__)
         bound.error("stage failed", error=message[:300])
         raise
+    finally:
+        Flags.clear_handled()
     ctx.started()
     artifacts = [artifact_record(p, paths.home) for p in result.artifacts]
     events.append("StageCompleted", teacher_id=teacher_id, stage=stage, job_id=job_id,
                   data={"artifacts": artifacts, "seconds": round(time.monotonic() - t0, 3), **result.data})
-    if Flags.term or Flags.usr1:
-        Flags.stop_after_job = True
     bound.info("stage completed", seconds=round(time.monotonic() - t0, 2))
     return {"artifacts": len(artifacts)}

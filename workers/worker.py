@@ -18,7 +18,7 @@ from rq.worker import Worker
 
 from nexus_core import keys
 from nexus_core.events import EventLog
-from workers.context import Flags
+from workers.context import Flags, install_process_handlers
 
 log = structlog.get_logger("nexus.worker")
 
@@ -83,5 +83,6 @@ def run_worker(conn, events: EventLog, burst: bool = False, name: str | None = N
     queue = Queue(keys.QUEUE, connection=conn)
     worker = NexusWorker([queue], connection=conn, name=name)
     recover_orphans(conn, events, me=worker.name)
-    Flags.stop_after_job = False
+    install_process_handlers()
+    Flags.stop_after_job = Flags.usr1  # a USR1 between jobs still pauses the next one
     return worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)

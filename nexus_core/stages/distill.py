@@ -86,7 +86,7 @@ class _HiddenTap:
 def _setup(cfg, plan, paths, device, ctx):
     """Student, optimiser, schedule and position: resumed, warm-started or fresh."""
     latest = ckpt.latest_path(paths)
-    prev = ckpt.load(latest) if latest.exists() else None
+    prev = ckpt.load_latest_good(paths)  # a truncated/corrupt checkpoint is never loaded
     plan_fp, chash = plan.fingerprint(), config_hash(cfg)
     resume = prev is not None and prev[ckpt.PLAN_FP] == plan_fp
     if resume and prev[ckpt.CONFIG_HASH] != chash:

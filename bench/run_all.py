@@ -1,0 +1,218 @@
+"""Run every benchmark and rewrite its section of BENCHMARKS.md.
+
+    python bench/run_all.py [--quick] [--only replay,queue] [--output BENCHMARKS.md]
+
+Each benchmark runs as its own subprocess and leaves its JSON in bench/out/; this script
+turns that JSON into a table. A benchmark that is missing, fails or times out gets a
+section that says so (with the tail of its output); the others still run. Only the
+sections of the benchmarks that ran are rewritten, each with its command, the machine
+(platform, CPUs, load, torch version) and the date. `--quick` makes everything small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _args(quick: bool) -> dict[str, tuple[list[str], str, str]]:
+    """name -> (script + args, its JSON in bench/out, title)."""
+    q = quick
+    return {
+        "replay": (["bench_replay.py", "--events", "2000" if q else "100000", "--repeats", "3" if q else "5"],
+                   "replay.json", "Event-log replay speed"),
+        "queue": (["bench_queue.py", *(["--quick"] if q else ["--drops", "9"])], "bench_queue.json",
+                  "Queue latency: registry drop -> StageStarted profile"),
+        "resume": (["bench_resume.py", *(["--quick"] if q else ["--repeats", "3"])], "bench_resume.json",
+                   "Resume cost after kill -9 mid-distill"),
+        "extract": (["bench_extract.py", *(["--vocab", "2048", "--hidden", "64", "--layers", "2", "--sequences", "8",
+                                            "--seq-len", "64", "--batch-size", "4"] if q else [])],
+                    "bench_extract.json", "Extraction: storage and throughput"),
+        "kd": (["bench_kd.py", *(["--steps", "10", "--teacher-steps", "20"] if q else [])], "bench_kd.json",
+               "KD vs cross-entropy"),
+        "sli": (["bench_sli.py", "--json", str(OUT / "bench_sli.json")], "bench_sli.json",
+                "SLI vs full load"),
+    }
+
+
+# Tables per benchmark, from its JSON ---------------------------------------------------------
+
+def _replay(r):
+    ok = "meets" if r["events_per_s_median"] >= 200_000 else "MISSES"
+    return (f"| events | log MB | median s | best s | events/s (median) | target |\n|---|---|---|---|---|---|\n"
+            f"| {r['events']:,} | {r['bytes'] / 1e6:.1f} | {r['median_s']:.3f} | {r['best_s']:.3f} | "
+            f"{r['events_per_s_median']:,.0f} | >= 200,000 ({ok}) |")
+
+
+def _queue(r):
+    from bench_queue import table
+
+    ok = "meets" if r["p95_s"] <= 2.0 else "MISSES"
+    return table(r) + f"\n\np95 over the warm drops {ok} the 2 s target. Per drop: " + \
+        ", ".join(f"{x['latency_s']:.2f}" for x in r["rows"]) + " s."
+
+
+def _resume(r):
+    from bench_resume import table
+
+    return table(r)
+
+
+def _extract(r):
+    return ("| teacher | tokens | tokens/s | shard bytes/token | fp16 logits bytes/token | ratio | kept mass |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| {r['params'] / 1e6:.1f}M params, vocab {r['head_vocab']:,}, {r['mode']}, {r['device']} | {r['tokens']:,} | "
+            f"{r['tokens_per_s']:,.0f} | {r['bytes_per_position']:.1f} | {r['full_fp16_bytes_per_position']:,} | "
+            f"{r['ratio_vs_full_fp16']:.4f} ({1 / r['ratio_vs_full_fp16']:.0f}x smaller) | {r['kept_mass_mean']:.3f} |"
+            f"\n\ntop-k = {r['k']}, seq_len {r['seq_len']}, batch {r['batch_size']}.")
+
+
+def _kd(r):
+    ce, kd = r["runs"]["ce"], r["runs"]["kd"]
+    return ("| model | held-out loss | step time ms |\n|---|---|---|\n"
+            f"| teacher | {r['teacher_heldout_loss']:.4f} | – |\n"
+            f"| CE student (alpha 0) | {r['ce_heldout_loss']:.4f} | {ce['step_time_s'] * 1e3:.1f} |\n"
+            f"| KD student (alpha {kd.get('alpha')}) | {r['kd_heldout_loss']:.4f} | {kd['step_time_s'] * 1e3:.1f} |\n\n"
+            f"KD closes {r['gap_closed'] * 100:.0f}% of the CE->teacher gap; KD/CE step time "
+            f"{r['kd_over_ce_step_time']:.2f} (p10 {r['kd_over_ce_step_time_p10']:.2f}); {r['steps']} steps, "
+            f"teacher trained {r['teacher_steps']} steps.")
+
+
+def _sli(r):
+    full = {x["tokens"]: x for x in r["full"]["rows"]}
+    lines = ["| tokens/pass | full tok/s | SLI tok/s | ratio |", "|---|---|---|---|"]
+    for s in r["sli"]["rows"]:
+        f = full.get(s["tokens"], r["full"]["rows"][0])
+        lines.append(f"| {s['tokens']} | {f['tok_s']:.0f} | {s['tok_s']:.0f} | {s['tok_s'] / f['tok_s']:.2f} |")
+    return "\n".join(lines) + (
+        f"\n\nThroughput SLI/full at the largest pass: {r['throughput_ratio']:.2f} (target >= 0.90); peak RSS above "
+        f"baseline SLI/full: {r['rss_ratio']:.2f} (target <= 0.25) — SLI {r['sli']['rss_above_base'] / 2**20:.0f} MiB, "
+        f"full {r['full']['rss_above_base'] / 2**20:.0f} MiB.")
+
+
+TABLES = {"replay": _replay, "queue": _queue, "resume": _resume, "extract": _extract, "kd": _kd, "sli": _sli}
+
+
+# Running and writing ---------------------------------------------------------------------
+
+def machine() -> dict:
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    load = os.getloadavg()
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch, "load": [round(x, 2) for x in load],
+            "shared": load[0] > (os.cpu_count() or 1) * 0.75}
+
+
+def _machine_line(m: dict) -> str:
+    line = (f"{m['platform']}, {m['cpus']} CPUs, Python {m['python']}, torch {m['torch']}; "
+            f"load average {m['load'][0]:.2f} / {m['load'][1]:.2f} / {m['load'][2]:.2f} at the start")
+    return line + (" (shared and busy: expect noisy timings)" if m["shared"] else "")
+
+
+def run_one(name: str, argv: list[str], json_name: str, timeout: float) -> dict:
+    target = OUT / json_name
+    target.unlink(missing_ok=True)  # never report a previous run's numbers as this one's
+    cmd = [sys.executable, str(ROOT / "bench" / argv[0]), *argv[1:]]
+    m, t0 = machine(), time.time()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, tail = p.returncode, (p.stdout + p.stderr)[-1500:]
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = "timeout", f"timed out after {timeout:.0f} s\n" + str(exc.stdout or "")[-1000:]
+    result = {"name": name, "command": "python bench/" + " ".join(argv).replace(str(ROOT) + "/", ""),
+              "rc": rc, "seconds": round(time.time() - t0, 1), "machine": m,
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "tail": tail}
+    if rc == 0 and target.exists():
+        result["data"] = json.loads(target.read_text())
+    return result
+
+
+def section(title: str, r: dict) -> str:
+    head = [f"## {title}", "", f"`{r['command']}` — {r['date']}, {r['seconds']:.0f} s", "",
+            f"Machine: {_machine_line(r['machine'])}.", ""]
+    if "data" in r:
+        try:
+            return "\n".join(head) + "\n" + TABLES[r["name"]](r["data"]) + "\n"
+        except (KeyError, TypeError, ZeroDivisionError) as exc:
+            body = f"(table failed: {exc!r}; raw JSON)\n\n```json\n{json.dumps(r['data'], indent=1)[:3000]}\n```"
+            return "\n".join(head) + "\n" + body + "\n"
+    if r["rc"] == "skipped":
+        return "\n".join(head) + f"\n**Not measured**: {r['tail']}.\n"
+    why = "timed out" if r["rc"] == "timeout" else f"exited with {r['rc']}" if r["rc"] != 0 else "wrote no JSON"
+    return "\n".join(head) + f"\n**Not measured**: the benchmark {why}. Tail of its output:\n\n```\n{r['tail'].strip()}\n```\n"
+
+
+HEADER = """# Benchmarks
+
+Rewritten by `python bench/run_all.py` (each section by its own benchmark; `--only` rewrites
+just those). Raw numbers: `bench/out/*.json`. All numbers are from the machine named in each
+section; timings on a shared machine are noisy.
+"""
+
+
+def write_sections(path: Path, sections: dict[str, str], order: list[str]) -> None:
+    text = path.read_text() if path.exists() else HEADER
+    for name in order:
+        block = f"<!-- bench:{name} -->\n{sections[name]}<!-- /bench:{name} -->"
+        pat = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
+        text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    from nexus_core.atomic import write_text  # noqa: E402 (ROOT on sys.path below)
+
+    write_text(path, text if text.endswith("\n") else text + "\n")
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    specs = _args(False)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (the smoke test uses this)")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(specs)}")
+    ap.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark")
+    a = ap.parse_args()
+    specs = _args(a.quick)
+    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(specs)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {list(specs)}", file=sys.stderr)
+        return 2
+    OUT.mkdir(parents=True, exist_ok=True)
+    results, sections = {}, {}
+    for name in names:
+        argv, json_name, title = specs[name]
+        if a.quick and name == "sli":
+            argv = []  # its teacher is >= 1 GB by design: no small version
+            results[name] = {"name": name, "command": "python bench/bench_sli.py", "rc": "skipped", "seconds": 0,
+                             "machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                             "tail": "skipped under --quick (its teacher is >= 1 GB by design)"}
+        else:
+            print(f"[run_all] {name}: python bench/{' '.join(argv)}", file=sys.stderr, flush=True)
+            results[name] = run_one(name, argv, json_name, a.timeout)
+        r = results[name]
+        print(f"[run_all] {name}: rc={r['rc']} in {r['seconds']} s", file=sys.stderr, flush=True)
+        sections[name] = section(title + (" (--quick)" if a.quick else ""), r)
+    write_sections(Path(a.output), sections, names)
+    (OUT / "run_all.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"wrote {a.output}")
+    return 0 if all(r["rc"] == 0 for r in results.values() if r["rc"] != "skipped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Smoke test of the benchmark suite: `bench/run_all.py --quick` on replay (2k events) and the
+queue latency (2 drops through real `nexus watch` + `nexus worker`), into a scratch BENCHMARKS.md.
+The full suite is slow and not part of the CI test run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_quick_writes_sections_with_real_numbers(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nkept text\n\n<!-- bench:replay -->\nold numbers\n<!-- /bench:replay -->\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}  # embedded Redis of its own
+    p = subprocess.run([sys.executable, "bench/run_all.py", "--quick", "--only", "replay,queue", "--output", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    text = out.read_text()
+    assert "kept text" in text and "old numbers" not in text  # only the sections that ran are rewritten
+    assert text.count("<!-- bench:replay -->") == 1 and "<!-- bench:queue -->" in text
+    assert "python bench/bench_replay.py --events 2000" in text and "torch" in text and "CPUs" in text
+    results = json.loads((ROOT / "bench" / "out" / "run_all.json").read_text())
+    replay, queue = results["replay"]["data"], results["queue"]["data"]
+    assert replay["events"] == 2000 and replay["events_per_s_median"] > 0
+    assert queue["drops"] == 2 and len(queue["rows"]) == 2
+    assert all(0 < r["latency_s"] < 60 for r in queue["rows"])
+    assert f"{queue['p95_s']:.3f}" in text
+
+
+def test_run_all_records_a_failing_benchmark_instead_of_crashing(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run_all
+
+    r = run_all.run_one("replay", ["bench_replay.py", "--events", "not-a-number"], "replay.json", timeout=60)
+    assert r["rc"] != 0 and "data" not in r
+    text = run_all.section("Replay", r)
+    assert "Not measured" in text and "invalid int value" in text

@@ -1,0 +1,303 @@
+"""Reliability faults, fast part (default run): crash, lose Redis, corrupt artefacts, fill the disk.
+
+Every case ends with a `nexus run` (or worker) that completes, and compares its shards and
+final weights byte for byte with an undisturbed reference run of the same settings; no
+stage may complete twice and the log must read back gapless. Seeded multi-point kill
+matrix: tests/test_faults_slow.py (`-m slow`). Table of results: RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from nexus_core import checkpoint as ckpt
+from nexus_core.errors import CorruptLogError, DiskFullError
+from nexus_core.events import Event, parse_lines, read_events
+from nexus_core.paths import Paths
+from tests.conftest import ARITH, CODE, FAST_SETTINGS, register, write_dataset
+from tests.e2e import kill_tree, nexus, of_type, spawn, wait_for
+
+SHARDS = "memory/*/*/shard-*.safetensors"
+WEIGHTS = "nexus-release-v1/*.safetensors"
+STAGES = ("profile", "extract", "distill", "router")
+
+
+# ---------------------------------------------------------------- helpers (also used by the slow file)
+
+def make_workdir(root: Path, teacher_dir: Path) -> Paths:
+    """The demo_workdir layout (2 datasets, teacher `tiny`), without touching os.environ."""
+    paths = Paths(Path(root) / "home").ensure()
+    write_dataset(paths, "reasoning/arith", [{"question": q.split("\n")[0], "answer": q.split("\n")[1]} for q in ARITH])
+    write_dataset(paths, "code/snippets", [{"text": t} for t in CODE])
+    register(paths, "tiny", teacher_dir)
+    return paths
+
+
+def outputs(paths: Paths) -> dict[str, bytes]:
+    """What must be identical to an undisturbed run: every shard and the released weights."""
+    home = Path(paths.home)
+    files = sorted(home.glob(SHARDS)) + sorted(home.glob(WEIGHTS))
+    return {str(p.relative_to(home)): p.read_bytes() for p in files}
+
+
+def assert_same_outputs(paths: Paths, reference: dict[str, bytes]) -> None:
+    got = outputs(paths)
+    assert sorted(got) == sorted(reference), (sorted(got), sorted(reference))
+    differ = [k for k in reference if got[k] != reference[k]]
+    assert not differ, f"differ from the undisturbed run: {differ}"
+
+
+def completed_once(paths: Paths) -> list[Event]:
+    """Log gapless (read_events checks seq), each job completed exactly once, whole plan done."""
+    events = read_events(paths.log)
+    per_job: dict[str, int] = {}
+    for e in of_type(events, "StageCompleted"):
+        per_job[e.job_id] = per_job.get(e.job_id, 0) + 1
+    assert all(n == 1 for n in per_job.values()), f"a stage completed twice: {per_job}"
+    done = {s: len(of_type(events, "StageCompleted", s)) for s in STAGES}
+    assert done == {"profile": 1, "extract": 2, "distill": 1, "router": 1}, done
+    return events
+
+
+def no_temp_files(paths: Paths) -> list[str]:
+    """Leftover atomic-write temp files (`.<name>.<rand>.tmp`) anywhere under the workdir."""
+    return [str(p) for p in Path(paths.home).rglob(".*.tmp")]
+
+
+def kill_embedded_redis(paths: Paths) -> None:
+    """kill -9 the workdir's embedded redis-server (it runs in its own session)."""
+    pid_file = paths.redis_dir / "pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+ENV = dict(FAST_SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_teacher_dir, redis_url) -> dict[str, bytes]:
+    """An undisturbed run with the fast settings: the bytes every faulted run must reproduce."""
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    paths = make_workdir(tmp_path_factory.mktemp("reference"), tiny_teacher_dir)
+    result = nexus(paths, "run", redis_url=redis_url, env_extra=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    completed_once(paths)
+    out = outputs(paths)
+    assert any("shard-" in k for k in out) and any(k.startswith("nexus-release-v1/") for k in out)
+    return out
+
+
+# ---------------------------------------------------------------- process and Redis faults
+
+def test_kill_9_of_everything_with_embedded_redis_then_rerun(tmp_path, tiny_teacher_dir, reference):
+    """kill -9 `nexus run`'s process group (worker, monitor) and its redis-server mid-extract."""
+    paths = make_workdir(tmp_path, tiny_teacher_dir)
+    proc = spawn(paths, "run", env_extra=ENV)
+    wait_for(paths, lambda ev: of_type(ev, "StageProgress", "extract"), proc=proc)
+    assert (paths.redis_dir / "pid").exists()
+    kill_tree(proc)
+    kill_embedded_redis(paths)
+    rerun = nexus(paths, "run", env_extra=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    events = completed_once(paths)
+    assert len(of_type(events, "RunStarted")) == 2
+    assert_same_outputs(paths, reference)
+    assert not no_temp_files(paths)
+
+
+def test_redis_flushed_mid_run_the_run_or_a_rerun_completes(tmp_path, tiny_teacher_dir, reference, redis_conn,
+                                                            redis_url):
+    """FLUSHDB (Redis restarted without persistence) while a stage runs: the log rebuilds the queue."""
+    paths = make_workdir(tmp_path, tiny_teacher_dir)
+    proc = spawn(paths, "run", redis_url=redis_url, env_extra=ENV)
+    wait_for(paths, lambda ev: of_type(ev, "StageCompleted", "extract"), proc=proc)
+    redis_conn.flushdb()
+    proc.wait(timeout=300)
+    rerun = nexus(paths, "run", redis_url=redis_url, env_extra=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    completed_once(paths)
+    assert_same_outputs(paths, reference)
+
+
+def test_replay_requeue_rebuilds_the_queue_after_a_crash_and_a_flush(tmp_path, tiny_teacher_dir, reference,
+                                                                     redis_conn, redis_url):
+    """kill -9 mid-extract, Redis loses everything, `nexus replay --requeue` + a worker finish the plan."""
+    paths = make_workdir(tmp_path, tiny_teacher_dir)
+    proc = spawn(paths, "run", redis_url=redis_url, env_extra=ENV)
+    wait_for(paths, lambda ev: of_type(ev, "StageProgress", "extract"), proc=proc)
+    kill_tree(proc)
+    redis_conn.flushdb()
+    before = read_events(paths.log)
+    unfinished = {e.job_id for e in of_type(before, "StageQueued")} - {e.job_id for e in of_type(before, "StageCompleted")}
+    assert any(j.startswith("distill-") for j in unfinished)
+    requeue = nexus(paths, "replay", "--requeue", redis_url=redis_url, env_extra=ENV)
+    assert requeue.returncode == 0, requeue.stderr[-3000:]
+    from producer.enqueue import queue_for
+    from rq.job import Job
+
+    queued = {e.job_id for e in of_type(read_events(paths.log)[len(before):], "StageQueued")}
+    assert queued == unfinished, (queued, unfinished)
+    assert all(Job.exists(j, connection=redis_conn) for j in unfinished)
+    assert queue_for(redis_conn).count >= 1
+    worker = nexus(paths, "worker", "--burst", redis_url=redis_url, env_extra=ENV)
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    completed_once(paths)
+    assert_same_outputs(paths, reference)
+
+
+# ---------------------------------------------------------------- artefact faults and a full disk
+
+def test_disk_full_in_extract_then_space_returns_then_corrupt_release_and_checkpoint(
+        tmp_path, tiny_teacher_dir, reference, redis_conn, redis_url):
+    paths = make_workdir(tmp_path, tiny_teacher_dir)
+    # 1. the shard disk holds ~1.5 shards: a clear error, no partial shard, the stage fails (exit 1)
+    one_shard = min(len(v) for k, v in reference.items() if "shard-" in k)
+    full = nexus(paths, "run", "--datasets", "reasoning/arith", redis_url=redis_url,
+                 env_extra={**ENV, "NEXUS_TEST_DISK_LIMIT_BYTES": str(int(one_shard * 1.5))})
+    assert full.returncode == 1, full.stderr[-3000:]
+    failed = of_type(read_events(paths.log), "StageFailed", "extract")
+    assert failed and "disk" in failed[0].data["error"].lower() and "\n" not in failed[0].data["error"]
+    assert failed[0].data["kind"] == "DiskFullError" and not failed[0].data["bad_input"]
+    assert not no_temp_files(paths)
+    for f in paths.memory.glob(SHARDS.split("/", 1)[1]):
+        assert f"memory/{f.relative_to(paths.memory)}" in reference  # no shard beyond the limit, none torn
+        assert f.read_bytes() == reference[f"memory/{f.relative_to(paths.memory)}"]
+    # 2. space returns: the run resumes and matches the undisturbed run
+    again = nexus(paths, "run", redis_url=redis_url, env_extra=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_outputs(paths, reference)
+    n_events = len(read_events(paths.log))
+    # 3. a released weight file corrupted after completion: detected by sha256, distill redone
+    weights = next(paths.release.glob("*.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    # 4. ... and checkpoint_latest.pt truncated: never loaded as garbage
+    latest = ckpt.latest_path(paths)
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 3])
+    redo = nexus(paths, "run", redis_url=redis_url, env_extra=ENV)
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    after = read_events(paths.log)[n_events:]
+    assert [e.stage for e in of_type(after, "StageCompleted")] == ["distill"], [e.type for e in after]
+    assert_same_outputs(paths, reference)
+    ckpt.load(latest)  # the checkpoint is whole again
+
+
+def test_disk_full_while_checkpointing_leaves_the_old_checkpoint_and_no_temp(tmp_path, monkeypatch):
+    """ENOSPC inside torch.save: DiskFullError naming the file; the previous checkpoint stays loadable."""
+    paths = Paths(tmp_path / "home").ensure()
+    state = {ckpt.MODEL: {"w": torch.arange(6.0)}, ckpt.STEP: 2, ckpt.PLAN_FP: "p", ckpt.CONFIG_HASH: "c",
+             ckpt.STUDENT_CONFIG: "{}"}
+    ckpt.save(paths, state, keep=2)
+    good = ckpt.latest_path(paths).read_bytes()
+
+    class FullDisk:  # a file whose disk fills after 100 bytes, as a real full disk does
+        def __init__(self, fh):
+            self.fh, self.n = fh, 0
+
+        def write(self, b):
+            if self.n + len(b) > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.n += len(b)
+            return self.fh.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, FullDisk(f), *a, **k))
+    with pytest.raises(DiskFullError, match="disk full while writing .*checkpoint_latest.pt"):
+        ckpt.save(paths, {**state, ckpt.STEP: 4}, keep=2)
+    assert ckpt.latest_path(paths).read_bytes() == good
+    assert not list(paths.checkpoints.glob(".*.tmp"))
+    assert ckpt.load(ckpt.latest_path(paths))[ckpt.STEP] == 2
+    monkeypatch.setattr(torch, "save", real_save)  # space returns
+    ckpt.save(paths, {**state, ckpt.STEP: 4}, keep=2)
+    assert ckpt.load(ckpt.latest_path(paths))[ckpt.STEP] == 4
+
+
+def test_checkpoint_on_a_real_full_device(tmp_path, monkeypatch):
+    """/dev/full returns ENOSPC on every write: the real kernel error path, not a simulation."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    paths = Paths(tmp_path / "home").ensure()
+    real_open = open
+
+    def open_full(file, mode="r", *a, **k):  # the checkpoint's temp file lands on a full device
+        if "w" in mode and ".checkpoint_latest.pt." in str(file):
+            return real_open("/dev/full", mode, *a, **k)
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", open_full)
+    state = {ckpt.MODEL: {"w": torch.zeros(10_000)}, ckpt.STEP: 1, ckpt.PLAN_FP: "p", ckpt.CONFIG_HASH: "c",
+             ckpt.STUDENT_CONFIG: "{}"}
+    with pytest.raises(DiskFullError):
+        ckpt.save(paths, state, keep=1)
+    monkeypatch.setattr("builtins.open", real_open)
+    assert not ckpt.latest_path(paths).exists() and not list(paths.checkpoints.iterdir())
+
+
+# ---------------------------------------------------------------- the event log reader, fuzzed
+
+def _line(seq: int, payload: str) -> bytes:
+    return Event(seq, "2024-01-01T00:00:00.000000Z", "StageProgress", data={"p": payload}).to_json().encode() + b"\n"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400))
+def test_fuzz_log_reader_random_bytes_only_ever_raise_corrupt_log(raw):
+    try:
+        out = parse_lines(raw)
+    except CorruptLogError:
+        return
+    assert all(isinstance(o, dict) for o in out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payloads=st.lists(st.text(max_size=30), min_size=0, max_size=12),
+       torn=st.binary(max_size=60).filter(lambda b: b"\n" not in b))
+def test_fuzz_valid_log_with_a_torn_tail_reads_back_exactly(payloads, torn, tmp_path_factory):
+    raw = b"".join(_line(i + 1, p) for i, p in enumerate(payloads))
+    path = tmp_path_factory.mktemp("log") / "log.jsonl"
+    path.write_bytes(raw + torn)
+    events = read_events(path)
+    assert [e.seq for e in events] == list(range(1, len(payloads) + 1))
+    assert [e.data["p"] for e in events] == payloads
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=20), min_size=2, max_size=10), st.data())
+def test_fuzz_log_damaged_in_the_middle_names_the_line(payloads, data):
+    lines = [_line(i + 1, p) for i, p in enumerate(payloads)]
+    bad = data.draw(st.integers(0, len(lines) - 2))  # not the last line: that one would be "torn"
+    cut = data.draw(st.integers(1, len(lines[bad]) - 2))  # at least the closing brace goes
+    lines[bad] = lines[bad][:cut] + b"\n"  # truncated in the middle of the file
+    with pytest.raises(CorruptLogError, match=rf"line {bad + 1}\b"):
+        parse_lines(b"".join(lines))
+
+
+def test_corrupt_checkpoints_are_restored_from_a_good_copy_or_discarded(tmp_path):
+    paths = Paths(tmp_path / "home").ensure()
+    state = {ckpt.MODEL: {"w": torch.arange(4.0)}, ckpt.PLAN_FP: "p", ckpt.CONFIG_HASH: "c", ckpt.STUDENT_CONFIG: "{}"}
+    for step in (2, 4):
+        ckpt.save(paths, {**state, ckpt.STEP: step}, keep=3)
+    latest = ckpt.latest_path(paths)
+    latest.write_bytes(latest.read_bytes()[:50])  # truncated
+    assert ckpt.load_latest_good(paths)[ckpt.STEP] == 4  # the numbered copy of step 4
+    assert ckpt.load(latest)[ckpt.STEP] == 4  # ... restored over the bad latest
+    for p in paths.checkpoints.glob("checkpoint_*.pt"):
+        p.write_bytes(b"PK\x03\x04 garbage")
+    assert ckpt.load_latest_good(paths) is None  # nothing trustworthy: start afresh
+    assert not latest.exists() and (paths.checkpoints / "checkpoint_latest.pt.corrupt").exists()

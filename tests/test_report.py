@@ -1,0 +1,105 @@
+"""The run report: rebuilt from the event log and artefacts, and honest about what is missing."""
+
+from __future__ import annotations
+
+import json
+
+from nexus_core.atomic import write_json
+from nexus_core.events import EventLog
+from nexus_core.report import build_report
+from tests.e2e import nexus
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STAGES = ("profile", "extract", "distill", "router")
+
+
+def _valid_png(path) -> bool:
+    import matplotlib.image as mpimg
+
+    return path.read_bytes()[:8] == PNG_MAGIC and mpimg.imread(path).shape[0] > 10
+
+
+def test_report_after_a_full_run_matches_the_artefacts(demo_workdir, redis_conn, redis_url):
+    paths = demo_workdir
+    run = nexus(paths, "run", redis_url=redis_url)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (paths.results / "report.md").exists()  # the end of `nexus run` writes it
+    for f in paths.results.glob("report*"):
+        f.unlink()
+    out = nexus(paths, "report")
+    assert out.returncode == 0, out.stderr[-3000:]
+    md, rep = paths.results / "report.md", json.loads((paths.results / "report.json").read_text())
+    assert md.exists()
+
+    ev = json.loads((paths.results / "eval.json").read_text())
+    assert set(rep["domains"]) == set(ev["datasets"]) == {"reasoning/arith", "code/snippets"}
+    for d, m in ev["datasets"].items():
+        assert rep["domains"][d]["student"] == m["student"]["loss"]
+        assert rep["domains"][d]["teachers"] == {t: v["loss"] for t, v in m["teachers"].items()}
+        assert rep["domains"][d]["teachers"]["tiny"] > 0
+    router = json.loads((paths.router_dir / "router.json").read_text())
+    assert rep["router"]["heldout_accuracy"] == router["heldout_accuracy"]
+    assert set(rep["wall_time_s"]) >= set(STAGES)
+    assert all(rep["wall_time_s"][s] > 0 for s in STAGES), rep["wall_time_s"]
+    assert rep["complete"] and rep["teachers"][0]["teacher_id"] == "tiny"
+    assert rep["datasets"] == ["code/snippets", "reasoning/arith"]
+    assert rep["skipped"]["oom_recoveries"] == 0
+    assert [p["step"] for p in rep["loss_curve"]][-1] == ev["steps"]
+    assert len(rep["layer_importance"]["tiny"]) == 4
+    for name in ("loss", "domains", "layers"):
+        png = paths.results / rep["plots"][name]
+        assert _valid_png(png), png
+        assert f"]({png.name})" in md.read_text()
+    text = md.read_text()
+    assert f"{ev['datasets']['reasoning/arith']['student']['loss']:.4f}" in text
+    assert "CE baseline" in text  # said to be absent, not silently dropped
+
+
+def _synthetic_run_without_router(paths):
+    log = EventLog(paths.log)
+    log.append("TeacherAdded", teacher_id="t1", data={"teacher": {"teacher_id": "t1", "path": "/m", "status": "ready",
+                                                                  "source": "registry/t1.json"}})
+    for stage, job, ds in (("profile", "profile-a", None), ("extract", "extract-b", "reasoning/arith"),
+                           ("distill", "distill-c", None)):
+        log.append("StageQueued", teacher_id="t1", stage=stage, job_id=job, data={"dataset": ds} if ds else {})
+        log.append("StageStarted", teacher_id="t1", stage=stage, job_id=job, data={})
+        if stage == "distill":
+            for step, loss in ((1, 3.0), (2, 2.5), (2, 2.4), (3, 2.0)):  # step 2 redone after a crash
+                log.append("StageProgress", stage=stage, job_id=job, data={"step": step, "loss": loss, "kd": loss,
+                                                                           "ce": loss + 1})
+            log.append("OOMRecovered", stage=stage, job_id=job, data={"step": 3, "skipped": 1})
+            log.append("ThermalPause", data={"temp_c": 86.0})
+            log.append("ThermalResume", data={"temp_c": 70.0})
+        log.append("StageCompleted", teacher_id="t1", stage=stage, job_id=job,
+                   data={"artifacts": [], "seconds": 1.5, **({"skipped_sequences": 1} if stage == "distill" else {})})
+    write_json(paths.profile("t1"), {"teacher_id": "t1", "layer_importance": [0.1, 0.3], "params": 1000,
+                                     "layers": 2, "mode": "full", "critical_layers": [1]})
+    write_json(paths.results / "eval.json", {"steps": 3, "datasets": {"reasoning/arith": {
+        "student": {"loss": 2.1, "perplexity": 8.2, "tokens": 10}, "teachers": {"t1": {"loss": 1.9}},
+        "ce_baseline": {"loss": 2.3}}}})
+
+
+def test_report_builds_when_the_router_never_ran(workdir):
+    paths = workdir
+    _synthetic_run_without_router(paths)
+    build_report(paths)
+    rep = json.loads((paths.results / "report.json").read_text())
+    text = (paths.results / "report.md").read_text()
+    assert rep["router"] is None and not rep["complete"]
+    assert "router has not been trained" in text and any("router" in m for m in rep["missing"])
+    assert rep["wall_time_s"] == {"profile": 1.5, "extract": 1.5, "distill": 1.5, "router": 0.0}
+    assert [(p["step"], p["loss"]) for p in rep["loss_curve"]] == [(1, 3.0), (2, 2.4), (3, 2.0)]
+    assert rep["skipped"] == {"oom_recoveries": 1, "sequences_skipped_on_oom": 1, "distill_skipped_sequences": 1}
+    assert rep["domains"]["reasoning/arith"] == {"student": 2.1, "student_perplexity": 8.2, "tokens": 10,
+                                                 "teachers": {"t1": 1.9}, "ce_baseline": 2.3}
+    assert [p["temp_c"] for p in rep["temperature"]] == [86.0, 70.0]
+    for name in ("loss", "domains", "layers", "temperature"):
+        assert _valid_png(paths.results / rep["plots"][name])
+
+
+def test_report_on_an_empty_workdir_says_what_is_missing(workdir):
+    out = build_report(workdir)
+    rep = json.loads((workdir.results / "report.json").read_text())
+    assert out.exists() and rep["plots"] == {} and rep["domains"] == {}
+    assert any("event log" in m for m in rep["missing"]) and any("eval.json" in m for m in rep["missing"])
+    assert "No held-out evaluation yet" in out.read_text()
