@@ -98,7 +98,7 @@ def wait_until(pred, timeout: float, what: str, procs=(), poll: float = 0.05):
         for p, log in procs:
             if p.poll() is not None:
                 raise RuntimeError(f"{log.stem} exited with {p.returncode} while waiting for {what}:\n"
-                                   f"{log.read_text()[-2000:]}")
+                                   f"{log.read_text()[-8000:]}")
         time.sleep(poll)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 

@@ -80,13 +80,19 @@ def _extract(r):
             f"\n\ntop-k = {r['k']}, seq_len {r['seq_len']}, batch {r['batch_size']}.")
 
 
+def _gap(g) -> str:
+    if not isinstance(g, (int, float)) or g != g:
+        return "n/a (the CE student is not worse than the teacher at this size, so there is no gap)"
+    return f"{g * 100:.0f}%"
+
+
 def _kd(r):
     ce, kd = r["runs"]["ce"], r["runs"]["kd"]
     return ("| model | held-out loss | step time ms |\n|---|---|---|\n"
             f"| teacher | {r['teacher_heldout_loss']:.4f} | – |\n"
             f"| CE student (alpha 0) | {r['ce_heldout_loss']:.4f} | {ce['step_time_s'] * 1e3:.1f} |\n"
             f"| KD student (alpha {kd.get('alpha')}) | {r['kd_heldout_loss']:.4f} | {kd['step_time_s'] * 1e3:.1f} |\n\n"
-            f"KD closes {r['gap_closed'] * 100:.0f}% of the CE->teacher gap; KD/CE step time "
+            f"Share of the CE->teacher gap closed by KD: {_gap(r['gap_closed'])}; KD/CE step time "
             f"{r['kd_over_ce_step_time']:.2f} (p10 {r['kd_over_ce_step_time_p10']:.2f}); {r['steps']} steps, "
             f"teacher trained {r['teacher_steps']} steps.")
 
@@ -173,7 +179,7 @@ def write_sections(path: Path, sections: dict[str, str], order: list[str]) -> No
         block = f"<!-- bench:{name} -->\n{sections[name]}<!-- /bench:{name} -->"
         pat = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
         text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    from nexus_core.atomic import write_text  # noqa: E402 (ROOT on sys.path below)
+    from nexus_core.atomic import write_text  # ROOT is on sys.path (main)
 
     write_text(path, text if text.endswith("\n") else text + "\n")
 

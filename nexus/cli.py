@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from nexus_core.config import add_cli_flags, load_settings
 from nexus_core.errors import NexusError
-from nexus_core.paths import Paths
+from nexus_core.paths import Paths, check_lockable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +71,7 @@ def cmd_watch(args, paths: Paths) -> int:
 
     cfg = load_settings(paths.home, args)
     paths.ensure()
+    check_lockable(paths)
     url, _server = resolve_url(paths)  # an embedded server started here outlives this process on purpose
     conn = connect(url)
     stop = threading.Event()
@@ -90,7 +91,8 @@ def cmd_worker(args, paths: Paths) -> int:
     url, _server = resolve_url(paths)
     conn = connect(url)
     print(f"nexus worker: pid {__import__('os').getpid()} on queue nexus (Redis {url})", file=sys.stderr, flush=True)
-    run_worker(conn, EventLog(paths.log, redis=conn), burst=args.burst)
+    check_lockable(paths)
+    run_worker(conn, EventLog(paths.log, redis=conn), burst=args.burst, device=args.cfg__run__device)
     return 0
 
 

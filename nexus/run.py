@@ -20,7 +20,7 @@ from nexus_core.config import Settings
 from nexus_core.errors import NexusError, WorkdirLockedError
 from nexus_core.events import EventLog, read_events
 from nexus_core.keys import StageStatus
-from nexus_core.paths import Paths
+from nexus_core.paths import Paths, check_lockable
 from nexus_core.redis_conn import connect, resolve_url
 from nexus_core.state import replay
 from producer.enqueue import queue_for
@@ -92,6 +92,7 @@ def run_pipeline(paths: Paths, cfg: Settings, console=None) -> int:
     from nexus.summary import print_summary
 
     paths.ensure()
+    check_lockable(paths)
     # outside a job, SIGTERM stops like Ctrl+C (inside one, the job's handlers checkpoint first)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     install_process_handlers()

@@ -76,6 +76,12 @@ class DistillSettings:
     checkpoint_every: int = setting(50, "steps between periodic checkpoints")
     keep_checkpoints: int = setting(3, "numbered checkpoints kept besides checkpoint_latest.pt")
     grad_checkpointing: bool = setting(False, "trade compute for memory in the student")
+    xtok_loss: str = setting("hybrid", "loss for teachers with another tokenizer: hybrid (shared-token KL + ULD on "
+                             "the rest), shared (KL on shared tokens only) or uld (sorted-probability only)",
+                             ("hybrid", "shared", "uld"))
+    xtok_uld_weight: float = setting(1.0, "weight of the sorted-probability (ULD) term for cross-tokenizer teachers")
+    teacher_quality_tau: float = setting(0.1, "per-domain teacher weight = registry weight x softmax(-held-out "
+                                         "nats per char / tau); 0 = registry weights only")
 
 
 @dataclass
@@ -125,6 +131,8 @@ class Settings:
             raise ConfigError("--extract-top-k must be >= 1 and --extract-seq-len >= 2")
         if not 0.0 < self.extract.heldout_fraction < 1.0:
             raise ConfigError("--extract-heldout-fraction must be in (0, 1)")
+        if self.distill.xtok_loss not in ("hybrid", "shared", "uld"):
+            raise ConfigError(f"--distill-xtok-loss must be hybrid, shared or uld, not {self.distill.xtok_loss!r}")
         if self.run.sli not in ("auto", "always", "never"):
             raise ConfigError(f"--sli must be auto, always or never, not {self.run.sli!r}")
         if self.memory.budget:

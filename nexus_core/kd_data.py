@@ -1,8 +1,12 @@
 """Teacher shards as training data: check them against the plan, read them lazily, in a seeded order.
 
 A *stream* is one dataset's rows as packed by the primary tokenizer, with the targets of
-every teacher that shares that tokenizer and has identical rows (same packing). Shards are
-opened with safetensors.safe_open (memory-mapped) and read one row slice at a time.
+every teacher that shares that tokenizer and has identical rows (same packing), plus the
+*aligned* teachers: those with another tokenizer, whose positions are mapped onto the
+stream's by character spans and whose ids onto the student's by token text (align.py).
+Each teacher's weight on a dataset is its registry weight times its held-out quality there
+(align.quality_weights). Shards are opened with safetensors.safe_open (memory-mapped) and
+read one row slice at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from nexus_core.atomic import sha256_file
 from nexus_core.config import Settings
 from nexus_core.data import DatasetRef
 from nexus_core.errors import CorruptArtifactError, PlanMismatchError
-from nexus_core.kd_loss import TeacherTargets
+from nexus_core import align
+from nexus_core.kd_loss import AlignedTargets, TeacherTargets
 from nexus_core.paths import Paths
 from nexus_core.plan import DistillPlan
 from nexus_core.registry import Teacher
@@ -53,9 +58,19 @@ class Source:
 
 
 @dataclass
+class AlignedSource:
+    """A teacher with another tokenizer, laid onto one stream's rows."""
+
+    source: Source
+    table: torch.Tensor  # (n_stream_rows, T) int64: the teacher's flat position (row * T + t) or -1
+    id_map: torch.Tensor  # (V_teacher,) int64: student id of each teacher id, or -1
+
+
+@dataclass
 class Stream:
     dataset: str
     sources: list[Source]  # sources[0] supplies input_ids / attention_mask
+    aligned: list[AlignedSource] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -68,6 +83,7 @@ class MicroBatch:
     attention_mask: torch.Tensor  # (b, T) long
     targets: list[TeacherTargets]
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # primary teacher layer -> (b, T, H)
+    aligned: list[AlignedTargets] = field(default_factory=list)  # teachers with another tokenizer
 
     @property
     def size(self) -> int:
@@ -76,13 +92,14 @@ class MicroBatch:
     def select(self, idx: slice) -> "MicroBatch":
         """Rows `idx` of this micro-batch (for out-of-memory splitting)."""
         t = [TeacherTargets(x.weight, x.topk_ids[idx], x.topk_logprobs[idx], x.tail_logmass[idx]) for x in self.targets]
-        return MicroBatch(self.input_ids[idx], self.attention_mask[idx], t, {k: v[idx] for k, v in self.hidden.items()})
+        return MicroBatch(self.input_ids[idx], self.attention_mask[idx], t, {k: v[idx] for k, v in self.hidden.items()},
+                          [a.select(idx) for a in self.aligned])
 
     def to(self, device) -> "MicroBatch":
         t = [TeacherTargets(x.weight, x.topk_ids.to(device), x.topk_logprobs.to(device), x.tail_logmass.to(device))
              for x in self.targets]
         return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), t,
-                          {k: v.to(device) for k, v in self.hidden.items()})
+                          {k: v.to(device) for k, v in self.hidden.items()}, [a.to(device) for a in self.aligned])
 
 
 def read_profile(paths: Paths, teacher_id: str) -> dict | None:
@@ -155,10 +172,12 @@ def _rows_digest(src: Source) -> str:
 
 
 def open_streams(cfg: Settings, plan: DistillPlan, paths: Paths) -> tuple[list[Stream], dict]:
-    """Verify every shard the plan needs; group teachers with identical rows into streams.
+    """Verify every shard the plan needs; group teachers with identical rows into streams and
+    align the teachers whose tokenizer differs from the primary's onto those streams.
 
-    Returns (streams, info) where info names the primary tokenizer fp and vocab and the
-    teachers left out of the KD mix (different tokenizer: logit KD needs a shared vocabulary).
+    Returns (streams, info): info names the primary tokenizer fp and vocab, the teachers left
+    out entirely (with reasons), and teacher_usage: per teacher how its signal was used
+    (shared-token coverage %, aligned positions %, per-domain weight).
     """
     primary_profile = read_profile(paths, plan.primary)
     fps = {t.teacher_id: (read_profile(paths, t.teacher_id) or {}).get("tokenizer_fp") for t in plan.teachers}
@@ -170,24 +189,131 @@ def open_streams(cfg: Settings, plan: DistillPlan, paths: Paths) -> tuple[list[S
     if primary_fp is None:  # no profile: the primary's own manifests define the tokenizer
         primary_fp = next((s.manifest.get("tokenizer_fp") for ss in sources.values() for s in ss
                            if s.teacher_id == plan.primary), None)
-    skipped = sorted({s.teacher_id for ss in sources.values() for s in ss if s.manifest.get("tokenizer_fp") != primary_fp})
-    for tid in skipped:
-        log.warning("distill.teacher_left_out", teacher=tid,
-                    reason="tokenizer differs from the primary teacher's; logit distillation needs a shared vocabulary")
+    registry = {t.teacher_id: t.weight for t in plan.teachers}
+    usage: dict[str, dict] = {t.teacher_id: {"tokenizer": "primary" if fps.get(t.teacher_id) in (None, primary_fp)
+                                             else "aligned", "domains": {}} for t in plan.teachers}
+    xtok = _CrossTokenizer(plan, primary_fp)
     streams: list[Stream] = []
     vocab = None
     for dataset in sorted(sources):
+        _weigh(cfg, sources[dataset], registry, usage, dataset)
         groups: dict[str, list[Source]] = {}
         ordered = sorted(sources[dataset], key=lambda s: (s.teacher_id != plan.primary, s.teacher_id))
+        others = [s for s in ordered if s.manifest.get("tokenizer_fp") != primary_fp]
         for src in ordered:
-            if src.teacher_id in skipped:
+            if src not in others:
+                groups.setdefault(_rows_digest(src), []).append(src)
+                vocab = vocab or src.manifest.get("tokenizer_vocab")
+        made = [Stream(dataset, group) for group in groups.values()]
+        for src in others:
+            dom = usage[src.teacher_id]["domains"][dataset]
+            if not made:
+                dom.update(used=False, reason="no teacher with the primary tokenizer has shards for this dataset")
                 continue
-            groups.setdefault(_rows_digest(src), []).append(src)
-            vocab = vocab or src.manifest.get("tokenizer_vocab")
-        streams.extend(Stream(dataset, group) for group in groups.values())
+            xtok.attach(made[0], src, dom)  # made[0] holds the primary's rows when it has this dataset
+        for st in made:
+            if st.aligned:
+                st.aligned = [a for a in st.aligned if a.table.ge(0).any()]
+        streams.extend(made)
+    for tid, u in usage.items():
+        for d, dom in u["domains"].items():
+            dom.setdefault("used", True)
+            if not dom["used"]:
+                log.warning("distill.teacher_left_out", teacher=tid, dataset=d, reason=dom.get("reason"))
+    left_out = sorted(t for t, u in usage.items() if u["domains"] and not any(d["used"] for d in u["domains"].values()))
     if not streams:
         raise PlanMismatchError("no teacher shards share the primary teacher's tokenizer; nothing to distill")
-    return streams, {"tokenizer_fp": primary_fp, "vocab": vocab, "left_out": skipped}
+    return streams, {"tokenizer_fp": primary_fp, "vocab": vocab, "left_out": left_out, "teacher_usage": usage}
+
+
+def _heldout_loss(src: Source) -> float | None:
+    q = src.manifest.get("heldout_quality") or {}
+    return q.get("loss_per_char")
+
+
+def _weigh(cfg: Settings, srcs: list[Source], registry: dict[str, float], usage: dict, dataset: str) -> None:
+    """Per-domain weights: registry weight x softmax(-held-out nats per char / tau) (equal when unknown)."""
+    losses = {s.teacher_id: _heldout_loss(s) for s in srcs}
+    w = align.quality_weights(losses, {s.teacher_id: registry[s.teacher_id] for s in srcs},
+                              cfg.distill.teacher_quality_tau)
+    for s in srcs:
+        s.weight = w[s.teacher_id]
+        usage[s.teacher_id]["domains"][dataset] = {
+            "weight": round(s.weight, 4), "heldout_loss_per_char": losses[s.teacher_id],
+            "weight_from": "heldout quality x registry weight" if None not in losses.values() else "registry weight"}
+
+
+class _CrossTokenizer:
+    """Builds AlignedSources: position tables per (stream, teacher), one id table per teacher."""
+
+    def __init__(self, plan: DistillPlan, primary_fp: str | None):
+        self.plan, self.primary_fp = plan, primary_fp
+        self._student_tok = None
+        self._maps: dict[str, tuple[torch.Tensor, dict]] = {}
+
+    def _id_map(self, teacher_id: str) -> tuple[torch.Tensor, dict]:
+        from transformers import AutoTokenizer
+
+        if teacher_id not in self._maps:
+            if self._student_tok is None:
+                p = self.plan.primary_teacher
+                self._student_tok = AutoTokenizer.from_pretrained(p.path, trust_remote_code=p.trust_remote_code)
+            t = next(t for t in self.plan.teachers if t.teacher_id == teacher_id)
+            tok = AutoTokenizer.from_pretrained(t.path, trust_remote_code=t.trust_remote_code)
+            self._maps[teacher_id] = align.vocab_map(tok, self._student_tok)
+        return self._maps[teacher_id]
+
+    def attach(self, stream: Stream, src: Source, dom: dict) -> None:
+        lead = stream.sources[0]
+        why = None
+        if not (lead.manifest.get("offsets") and src.manifest.get("offsets")):
+            why = "shards carry no character offsets (extracted by an older Nexus or a slow tokenizer); rerun extract"
+        elif lead.manifest.get("text_fp") != src.manifest.get("text_fp"):
+            why = "the two extractions saw different training text (other held-out fraction?); rerun extract"
+        if why:
+            dom.update(used=False, reason=why)
+            return
+        cross = not (lead.manifest.get("skipped_sequences") or src.manifest.get("skipped_sequences"))
+        s_next = align.next_token_starts(*_spans(lead), cross_rows=cross)  # (n_s, T)
+        t_next = align.next_token_starts(*_spans(src), cross_rows=cross)  # (n_t, T)
+        table = align.align_positions(s_next, t_next)  # (n_s, T)
+        id_map, vinfo = self._id_map(src.teacher_id)
+        real = int(_spans(lead)[2].sum())
+        aligned = int((table >= 0).sum())
+        dom.update(aligned_positions_pct=round(100.0 * aligned / max(real, 1), 2),
+                   shared_token_coverage_pct=_shared_coverage(src, table, id_map),
+                   shared_vocab_pct=vinfo["shared_vocab_pct"], used=aligned > 0)
+        if not aligned:
+            dom["reason"] = "no position aligned by character with the student's rows"
+            return
+        stream.aligned.append(AlignedSource(src, table, id_map))
+
+
+def _spans(src: Source) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(char_start, char_end, attention_mask) of all of a source's rows, each (n, T)."""
+    parts = {"char_start": [], "char_end": [], "attention_mask": []}
+    for f in src.files:
+        with safe_open(str(f), "pt") as h:
+            for name in parts:
+                parts[name].append(h.get_tensor(name))
+    return tuple(torch.cat(parts[n]) for n in ("char_start", "char_end", "attention_mask"))
+
+
+def _shared_coverage(src: Source, table: torch.Tensor, id_map: torch.Tensor) -> float:
+    """% of the teacher's top-k probability mass, at the positions used, on tokens the student shares."""
+    used = torch.zeros(src.n * table.shape[1], dtype=torch.bool)
+    used[table[table >= 0]] = True
+    mass = shared = 0.0
+    row0 = 0
+    for f, n in zip(src.files, src.rows):
+        with safe_open(str(f), "pt") as h:
+            ids, lp = h.get_tensor("topk_ids").long(), h.get_tensor("topk_logprobs").float()  # (n, T, k)
+        u = used[row0 * table.shape[1]:(row0 + n) * table.shape[1]].view(n, -1)
+        p = lp.exp()[u]  # (m, k)
+        mass += float(p.sum())
+        shared += float((p * (id_map[ids[u]] >= 0)).sum())
+        row0 += n
+    return round(100.0 * shared / max(mass, 1e-30), 2)
 
 
 class ShardLoader:
@@ -241,12 +367,29 @@ class ShardLoader:
             torch.cat([self._row(src, r, "topk_logprobs") for r in rows]),  # (b, T, k) fp16
             torch.cat([self._row(src, r, "tail_logmass") for r in rows]),  # (b, T)
         ) for src in stream.sources]
+        aligned = [self._aligned(a, rows) for a in stream.aligned]
         hidden = {}
         for layer in (self.hidden_layers if first.teacher_id == self.primary else ()):
             name = f"hidden.{layer}"
             if name in self._handle(first.files[0]).keys():
                 hidden[layer] = torch.cat([self._row(first, r, name) for r in rows])  # (b, T, H)
-        return MicroBatch(ids, mask, targets, hidden)
+        return MicroBatch(ids, mask, targets, hidden, aligned)
+
+    def _aligned(self, a: AlignedSource, rows: list[int]) -> AlignedTargets:
+        """A cross-tokenizer teacher's targets for stream rows `rows`, gathered onto their positions."""
+        idx = a.table[rows]  # (b, T) teacher flat positions, -1 = not aligned
+        b, T = idx.shape
+        present = idx >= 0
+        safe = idx.clamp(min=0)
+        trows = torch.unique(safe[present] // T) if present.any() else torch.zeros(1, dtype=torch.long)
+        ids = torch.cat([self._row(a.source, int(r), "topk_ids") for r in trows]).long()  # (m, T, k)
+        lp = torch.cat([self._row(a.source, int(r), "topk_logprobs") for r in trows])  # (m, T, k)
+        tail = torch.cat([self._row(a.source, int(r), "tail_logmass") for r in trows])  # (m, T)
+        k = ids.shape[-1]
+        flat = torch.searchsorted(trows, safe // T) * T + safe % T  # (b, T) index into the m*T gathered positions
+        t_ids = ids.view(-1, k)[flat]  # (b, T, k)
+        sids = torch.where(present[..., None], a.id_map[t_ids], -1)
+        return AlignedTargets(a.source.weight, sids, lp.reshape(-1, k)[flat], tail.reshape(-1)[flat], present)
 
     def close(self) -> None:
         self._handles.clear()

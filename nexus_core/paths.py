@@ -129,3 +129,39 @@ def check_teacher_id(teacher_id: str) -> str:
             f"teacher_id {teacher_id!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}"
         )
     return teacher_id
+
+
+# Filesystems whose flock is not shared between machines (or not implemented): the event
+# log's gapless seq relies on it, so several writers there would corrupt it.
+UNTRUSTED_LOCK_FS = {"cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "vboxsf", "fuse.s3fs", "fuse.gcsfuse"}
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path`, from /proc/mounts (longest mount prefix)."""
+    target = str(Path(path).resolve())
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3:
+                    mnt = parts[1].replace("\\040", " ")
+                    if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                        best, fstype = mnt, parts[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def check_lockable(paths: "Paths") -> None:
+    """Refuse to share a workdir on a filesystem whose locks cannot be trusted (NEXUS_TRUST_FLOCK=1 overrides).
+
+    Local filesystems and NFS (v4, or v3 with lockd: Linux maps flock to POSIX locks there)
+    are fine; SMB/CIFS, sshfs, 9p and object-store mounts are not.
+    """
+    fstype = filesystem_type(paths.home)
+    if fstype in UNTRUSTED_LOCK_FS and os.environ.get("NEXUS_TRUST_FLOCK") != "1":
+        from nexus_core.errors import BadInputError
+
+        raise BadInputError(f"{paths.home} is on {fstype}, whose file locks are not reliable across processes or "
+                            "machines; put the workdir on a local disk or NFS (or set NEXUS_TRUST_FLOCK=1 if you know better)")

@@ -4,6 +4,16 @@ Layout (DESIGN.md): memory/<teacher>/<category>__<name>/shard-NNNNN.safetensors 
 A shard is serialised in memory and written through atomic.atomic_path, so a crash or a
 full disk (ENOSPC -> DiskFullError) never leaves a half-written shard under its real name.
 
+Optional tensors (readers that do not know them ignore them):
+  char_start, char_end  int64 [n, T]  each token's character span [start, end) in the text
+                        coordinate of nexus_core.align (the train split's documents, each followed
+                        by one separator character that the EOS token covers); -1 for padding.
+                        Written when the tokenizer has an offset mapping (manifest "offsets": true);
+                        distill uses them to align a teacher whose tokenizer differs from the student's.
+Manifest additions: "offsets" (bool), "text_fp" (align.text_fingerprint of the train split: two
+teachers' spans are comparable only when equal), "heldout_quality" ({loss, loss_per_char, tokens,
+chars} of the teacher on the held-out split, or null) for per-domain teacher weights.
+
 Test hook: the environment variable NEXUS_TEST_DISK_LIMIT_BYTES, when set, makes the
 shard folder behave as if its disk held only that many bytes of shard files: a write
 that would pass the limit writes up to it and then fails with ENOSPC, and

@@ -398,7 +398,7 @@ class StreamingRunner:
 
 
 def _return_freed_memory() -> None:
-    """Serve host allocations ≥ 4 MiB from mmap so freed layers/activations go back to the OS at once.
+    """Serve host allocations ≥ 1 MiB from mmap so freed layers/activations go back to the OS at once.
 
     glibc otherwise raises its mmap threshold after the first large free and keeps later
     freed blocks in the heap, so a stream of layer-sized tensors would ratchet RSS upward."""
@@ -406,8 +406,8 @@ def _return_freed_memory() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD (fixed => no dynamic raise)
-        libc.mallopt(-1, 8 << 20)  # M_TRIM_THRESHOLD (a raised threshold would have lifted it to 2x, up to 64 MiB)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed => no dynamic raise)
+        libc.mallopt(-1, 2 << 20)  # M_TRIM_THRESHOLD (a raised threshold would have lifted it to 2x, up to 64 MiB)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 

@@ -32,7 +32,7 @@ def test_run_all_quick_writes_sections_with_real_numbers(tmp_path):
     assert f"{queue['p95_s']:.3f}" in text
 
 
-def test_run_all_records_a_failing_benchmark_instead_of_crashing(tmp_path, monkeypatch):
+def test_run_all_records_a_failing_benchmark_instead_of_crashing():
     sys.path.insert(0, str(ROOT / "bench"))
     import run_all
 

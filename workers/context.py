@@ -7,7 +7,9 @@ through `poll()`. A second SIGINT/SIGTERM aborts at once (KeyboardInterrupt).
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import time
 
 from nexus_core import keys
@@ -24,6 +26,7 @@ class Flags:
     usr2 = False
     term = 0
     stop_after_job = False  # the worker stops taking jobs (USR1, TERM)
+    device: str | None = None  # `nexus worker --device cuda:1` overrides the jobs' device
 
     @classmethod
     def clear_handled(cls) -> None:
@@ -86,7 +89,7 @@ class WorkerContext(StageContext):
     def started(self, **data) -> None:
         if not self.was_started:
             self.was_started = True
-            self._append("StageStarted", **data)
+            self._append("StageStarted", pid=os.getpid(), host=socket.gethostname(), **data)
 
     def progress(self, **data) -> None:
         self._append("StageProgress", **data)

@@ -26,7 +26,10 @@ log = structlog.get_logger("nexus.worker")
 
 
 def _settings(payload: dict) -> Settings:
-    return load_settings(Path(payload["home"]), environ={}, **payload["settings"])
+    cfg = load_settings(Path(payload["home"]), environ={}, **payload["settings"])
+    if Flags.device:
+        cfg.run.device = Flags.device
+    return cfg
 
 
 def _call_stage(stage: str, cfg: Settings, payload: dict, paths: Paths, ctx: WorkerContext):
@@ -67,12 +70,14 @@ def _dependents(job: Job, conn) -> list[Job]:
     return out
 
 
-def fail_dependents(job: Job, conn, events: EventLog, cause: str) -> None:
-    """A failed stage fails its dependents visibly: StageFailed with the cause, and cancelled in RQ."""
+def fail_dependents(job: Job, conn, events: EventLog, cause: str, bad_input: bool = False) -> None:
+    """A failed stage fails its dependents visibly: StageFailed with the cause, and cancelled in RQ.
+
+    They inherit `bad_input`, so a bad teacher's dependents keep `nexus run`'s exit code at 2."""
     for dep in _dependents(job, conn):
         meta = dep.meta or {}
         events.append("StageFailed", teacher_id=meta.get("teacher_id"), stage=meta.get("stage"), job_id=dep.id,
-                      data={"error": f"dependency {job.id} failed: {cause}", "cause": job.id})
+                      data={"error": f"dependency {job.id} failed: {cause}", "cause": job.id, "bad_input": bad_input})
         try:
             dep.cancel()
         except Exception:
@@ -122,7 +127,8 @@ def run_stage(payload: dict) -> dict:
                       data={"error": message.splitlines()[0][:500] if message else type(exc).__name__,
                             "kind": type(exc).__name__, "bad_input": getattr(exc, "exit_code", 1) == 2,
                             "traceback": traceback.format_exc(limit=6)[-2000:]})
-        fail_dependents(job, conn, events, message.splitlines()[0][:200] if message else type(exc).__name__)
+        fail_dependents(job, conn, events, message.splitlines()[0][:200] if message else type(exc).__name__,
+                        bad_input=getattr(exc, "exit_code", 1) == 2)
         bound.error("stage failed", error=message[:300])
         raise
     finally:

@@ -7,7 +7,7 @@ At start it recovers jobs left `started` by a worker that died (kill -9, power l
 from __future__ import annotations
 
 import os
-import socket
+import threading
 
 import structlog
 from rq import Queue, SimpleWorker
@@ -24,53 +24,78 @@ log = structlog.get_logger("nexus.worker")
 
 
 class NexusWorker(SimpleWorker):
+    """SimpleWorker + a short-lived liveness key (kept fresh during long jobs by a thread)
+    and orphan recovery in its maintenance, so that another worker adopts a dead one's job."""
+
+    events: EventLog | None = None
+
+    def _touch_alive(self) -> None:
+        try:
+            self.connection.set(keys.ALIVE_KEY.format(self.name), os.getpid(), ex=keys.ALIVE_TTL_S)
+        except Exception:
+            pass
+
+    def heartbeat(self, *args, **kwargs):
+        self._touch_alive()
+        return super().heartbeat(*args, **kwargs)
+
     def execute_job(self, job, queue):
-        super().execute_job(job, queue)
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(keys.ALIVE_TTL_S / 3):
+                self._touch_alive()
+
+        self._touch_alive()
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        try:
+            super().execute_job(job, queue)
+        finally:
+            stop.set()
         if Flags.stop_after_job:
             self._stop_requested = True
 
+    def run_maintenance_tasks(self):
+        super().run_maintenance_tasks()
+        if self.events is not None:
+            recover_orphans(self.connection, self.events, me=self.name)
 
-def _live_workers(conn, me: str | None = None) -> list:
-    out = []
-    for w in Worker.all(connection=conn):
-        if w.name == me:
-            continue
-        # a worker key outlives a kill -9 until its TTL; on this host, check its pid too
-        if w.hostname == socket.gethostname() and w.pid:
-            try:
-                os.kill(w.pid, 0)
-            except ProcessLookupError:
-                continue
-            except PermissionError:
-                pass
-        out.append(w)
-    return out
+    def teardown(self):
+        try:
+            self.connection.delete(keys.ALIVE_KEY.format(self.name))
+        except Exception:
+            pass
+        super().teardown()
+
+
+def _alive(conn, worker_name: str | None) -> bool:
+    return bool(worker_name) and bool(conn.exists(keys.ALIVE_KEY.format(worker_name)))
 
 
 def recover_orphans(conn, events: EventLog, me: str | None = None) -> list[str]:
     """Re-enqueue jobs left `started` by a dead worker; their stages resume from partial outputs."""
     queue = Queue(keys.QUEUE, connection=conn)
     registry = StartedJobRegistry(queue=queue)
-    busy = {w.get_current_job_id() for w in _live_workers(conn, me)}
     recovered = []
     for job_id in registry.get_job_ids(cleanup=False):
-        if job_id in busy:
-            continue
         try:
             job = Job.fetch(job_id, connection=conn)
         except NoSuchJobError:
+            continue
+        if job.worker_name == me or _alive(conn, job.worker_name):
             continue
         registry.remove_executions(job)
         job.set_status(JobStatus.QUEUED)
         queue.push_job_id(job.id, at_front=True)
         meta = job.meta or {}
         events.append("StageQueued", teacher_id=meta.get("teacher_id"), stage=meta.get("stage"), job_id=job.id,
-                      data={"description": job.description, "reason": "orphaned: its worker died; resuming"})
+                      data={"description": job.description, "reason": f"orphaned: worker {job.worker_name} died; resuming"})
         recovered.append(job.id)
-        log.warning("recovered orphaned job", job_id=job.id)
-    # dead workers' registrations would keep showing in `rq info`
+        log.warning("recovered orphaned job", job_id=job.id, dead_worker=job.worker_name)
+    # registrations of dead workers would keep showing in `rq info`
     for w in Worker.all(connection=conn):
-        if w.name != me and w not in _live_workers(conn, me):
+        if w.name != me and not _alive(conn, w.name):
             try:
                 w.register_death()
             except Exception:
@@ -78,10 +103,17 @@ def recover_orphans(conn, events: EventLog, me: str | None = None) -> list[str]:
     return recovered
 
 
-def run_worker(conn, events: EventLog, burst: bool = False, name: str | None = None) -> bool:
-    """Work the queue; returns True when any job ran. Stops after a USR1/TERM-paused job."""
+def run_worker(conn, events: EventLog, burst: bool = False, name: str | None = None,
+               device: str | None = None) -> bool:
+    """Work the queue; returns True when any job ran. Stops after a USR1/TERM-paused job.
+
+    `device` (e.g. cuda:1) overrides the device in every job's settings: one worker per GPU.
+    """
     queue = Queue(keys.QUEUE, connection=conn)
-    worker = NexusWorker([queue], connection=conn, name=name)
+    worker = NexusWorker([queue], connection=conn, name=name, worker_ttl=keys.ALIVE_TTL_S,
+                         maintenance_interval=keys.ALIVE_TTL_S)
+    worker.events = events
+    Flags.device = device
     recover_orphans(conn, events, me=worker.name)
     install_process_handlers()
     Flags.stop_after_job = Flags.usr1  # a USR1 between jobs still pauses the next one

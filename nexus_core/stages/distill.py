@@ -36,7 +36,8 @@ _REASON = {Control.CHECKPOINT: "sigusr2", Control.PAUSE: "pause", Control.STOP_U
            Control.STOP_TERM: "sigterm"}
 # Settings that change the numbers a run computes; a checkpoint made with others cannot be resumed.
 _MATH_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
-              "grad_clip", "temperature", "alpha", "hidden_weight")
+              "grad_clip", "temperature", "alpha", "hidden_weight", "xtok_loss", "xtok_uld_weight",
+              "teacher_quality_tau")
 
 
 def config_hash(cfg: Settings) -> str:
@@ -132,6 +133,9 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
 
     # 1. Data: every shard checked against the plan first, then read lazily in a seeded order.
     streams, shard_info = open_streams(cfg, plan, paths)
+    usage = shard_info["teacher_usage"]  # per teacher: how its signal is used (report, events)
+    for tid, u in usage.items():
+        log.info("distill.teacher_signal", teacher=tid, tokenizer=u["tokenizer"], domains=u["domains"])
     vocab = shard_info["vocab"] or len(tokenizer)
     model, info, prev, step, base = _setup(cfg, plan, paths, device, ctx)
     primary_profile = read_profile(paths, plan.primary) or {}
@@ -159,6 +163,7 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
         skipped = int(prev[ckpt.SKIPPED])
     ctx.started(resume_step=step if prev is not None else 0, start_step=step, end_step=end,
                 warm_start=prev is None and step > 0, student=info["source"])
+    ctx.note("TeacherSignalsAligned", teacher_usage=usage, left_out=shard_info["left_out"], xtok_loss=d.xtok_loss)
 
     def save(reason: str) -> None:
         state = {ckpt.MODEL: model.state_dict(), ckpt.OPTIMIZER: opt.state_dict(), ckpt.SCHEDULER: sched.state_dict(),
@@ -176,7 +181,11 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
     def forward_backward(mb: MicroBatch, n_kd: int, n_ce: int) -> tuple[float, float]:
         with autocast():
             logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-        sums = kd_loss.loss_sums(logits, mb.input_ids, mb.attention_mask, mb.targets, d.temperature, d.alpha, vocab)
+        if mb.aligned:  # teachers with another tokenizer: per-position mixing over the teachers present
+            sums = kd_loss.multi_loss_sums(logits, mb.input_ids, mb.attention_mask, mb.targets, mb.aligned,
+                                           d.temperature, d.alpha, vocab, d.xtok_loss, d.xtok_uld_weight)
+        else:
+            sums = kd_loss.loss_sums(logits, mb.input_ids, mb.attention_mask, mb.targets, d.temperature, d.alpha, vocab)
         for t_layer, s_layer in to_student.items():
             if t_layer in mb.hidden:
                 sums.hidden = sums.hidden.to(device) + kd_loss.hidden_sum(
@@ -255,7 +264,9 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
     if saved_at != step and (prev is None or step != int(prev[ckpt.STEP])):
         save("periodic")
     loader.close()
-    return _finish(cfg, plan, paths, model, tokenizer, info, device, step, skipped, last, prev is None and base > 0)
+    result = _finish(cfg, plan, paths, model, tokenizer, info, device, step, skipped, last, prev is None and base > 0)
+    result.data["teacher_usage"] = usage
+    return result
 
 
 def _finish(cfg, plan, paths, model, tokenizer, info, device, step, skipped, last, warm) -> StageResult:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from nexus_core import data, shards
+from nexus_core import align, data, shards
 from nexus_core.config import Settings
 from nexus_core.data import DatasetRef
 from nexus_core.errors import ConfigError, DatasetError, DiskFullError, NexusError, StageInterrupted
@@ -49,7 +49,13 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     train, heldout = data.split(texts, ex.heldout_fraction)
     if not train:
         raise DatasetError(f"dataset {dataset}: all {len(texts)} documents fall in the held-out split; add documents")
-    ids, mask = data.pack(tok, train, ex.seq_len, ex.max_samples)  # (n, T) int32 / uint8
+    # Character spans of every token (align.py's text coordinate) let distill align this teacher's
+    # positions with a student that tokenizes differently; a slow tokenizer has no offset mapping.
+    try:
+        ids, mask, cs, ce = align.pack_with_offsets(tok, train, ex.seq_len, ex.max_samples)  # (n, T) each
+    except NotImplementedError:
+        ids, mask = data.pack(tok, train, ex.seq_len, ex.max_samples)  # (n, T) int32 / uint8
+        cs = ce = None
     hidden_layers = sorted(profile["critical_layers"]) if ex.save_hidden else []
     n, S = ids.shape[0], ex.shard_size
     n_shards = (n + S - 1) // S
@@ -60,6 +66,7 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
             "teacher_fp": profile["teacher_fp"], "dataset": dataset.key, "tokenizer_fp": tok_fp,
             "mode": profile["mode"], "k": ex.top_k, "seq_len": ex.seq_len, "hidden_layers": hidden_layers,
             "tokenizer_vocab": real_vocab, "settings_fp": _settings_fp(cfg, hidden_layers),
+            "offsets": cs is not None, "text_fp": align.text_fingerprint(train),
             "data_fp": hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()[:16],
             "shard_size": S, "planned_shards": n_shards, "planned_sequences": n,
             "documents": {"train": len(train), "heldout": len(heldout)}}
@@ -68,11 +75,11 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     ctx.started(resume_shard=start)
     writer = shards.ShardWriter(out_dir, {**base, "shards": kept})
     if start == n_shards:
-        return _finish(writer, out_dir, start, 0, 0.0)
+        return _finish(writer, out_dir, start, 0, 0.0, _old_quality(out_dir))
 
     # 3. Disk: refuse to start when the remaining shards cannot fit.
     H = int(profile["hidden"])
-    per_seq = ex.seq_len * (4 + 1 + 6 * ex.top_k + 4 + 2 * H * len(hidden_layers))
+    per_seq = ex.seq_len * (4 + 1 + 6 * ex.top_k + 4 + 2 * H * len(hidden_layers) + (16 if cs is not None else 0))
     need = (n - start * S) * per_seq + (n_shards - start) * 8192 + (1 << 16)
     free = shards.free_bytes_for(out_dir)
     if free < need:
@@ -110,15 +117,19 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
                     raise NexusError(f"extract {teacher.teacher_id} on {dataset}: every sequence of shard {s} ran out of "
                                      f"memory; lower --extract-seq-len or use --sli always")
                 tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                if cs is not None:  # spans of the rows kept (OOM-skipped rows are not in the shard)
+                    kept_rows = [r for r in range(s * S, min(n, (s + 1) * S)) if r not in set(shard_skipped)]
+                    tensors["char_start"], tensors["char_end"] = cs[kept_rows], ce[kept_rows]
                 writer.add(tensors, {"format": "pt", "teacher_id": teacher.teacher_id, "dataset": dataset.key,
                                      "shard": s, "k": ex.top_k, "seq_len": ex.seq_len, "tokenizer_fp": tok_fp},
                            skipped=shard_skipped)
                 rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
                 bar(s + 1, rate)
                 ctx.progress(shard=s + 1, shards=n_shards, tokens=tokens_done, tokens_per_s=round(rate, 1))
+            quality = heldout_quality(runner, tok, heldout, ex, real_vocab)
     finally:
         runner.close()
-    return _finish(writer, out_dir, start, tokens_done, time.perf_counter() - t0)
+    return _finish(writer, out_dir, start, tokens_done, time.perf_counter() - t0, quality)
 
 
 # --- one batch ---------------------------------------------------------------------------------
@@ -212,7 +223,8 @@ def _resumable(out_dir: Path, base: dict) -> list[dict]:
         old = shards.read_manifest(out_dir)
     except Exception:
         old = None
-    keys = ("teacher_fp", "tokenizer_fp", "settings_fp", "data_fp", "dataset", "k", "seq_len", "hidden_layers")
+    keys = ("teacher_fp", "tokenizer_fp", "settings_fp", "data_fp", "dataset", "k", "seq_len", "hidden_layers",
+            "offsets", "text_fp")
     if old is None or any(old.get(k) != base[k] for k in keys):
         for stale in out_dir.glob("shard-*.safetensors") if out_dir.exists() else ():
             stale.unlink()  # another run's shards: never mixed with this one's
@@ -225,17 +237,67 @@ def _resumable(out_dir: Path, base: dict) -> list[dict]:
     return kept
 
 
-def _finish(writer: shards.ShardWriter, out_dir: Path, start: int, tokens: int, seconds: float) -> StageResult:
+def _finish(writer: shards.ShardWriter, out_dir: Path, start: int, tokens: int, seconds: float,
+            quality: dict | None) -> StageResult:
     kept_mass = _kept_mass(writer.shard_paths)
     recs = writer.manifest["shards"]
     m = writer.finish(total_sequences=sum(s["sequences"] for s in recs), kept_mass=kept_mass,
-                      skipped_sequences=[i for s in recs for i in s.get("skipped", [])])
+                      skipped_sequences=[i for s in recs for i in s.get("skipped", [])], heldout_quality=quality)
     return StageResult(artifacts=[*writer.shard_paths, writer.manifest_path], data={
         "shards": len(m["shards"]), "sequences": m["total_sequences"],
         "tokens": sum(s["tokens"] for s in m["shards"]),
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
         "kept_mass_mean": kept_mass["mean"], "resume_shard": start,
+        "heldout_loss_per_char": (quality or {}).get("loss_per_char"),
         "skipped_sequences": len(m["skipped_sequences"])})
+
+
+HELDOUT_QUALITY_SEQUENCES = 16
+
+
+@torch.no_grad()
+def heldout_quality(runner, tok, heldout: list[str], ex, real_vocab: int) -> dict | None:
+    """The teacher's next-token loss on the dataset's held-out split, per token and per character.
+
+    Per character (nats/char) is what distill compares across teachers with different tokenizers
+    (a coarser tokenizer has a higher per-token loss for the same knowledge); it sets each
+    teacher's per-domain weight. None when there is no held-out text or no offset mapping.
+    """
+    if not heldout:
+        return None
+    try:
+        ids, mask, cs, ce = align.pack_with_offsets(tok, heldout, ex.seq_len, HELDOUT_QUALITY_SEQUENCES)
+    except (NotImplementedError, DatasetError):
+        return None
+    nll, tokens, chars = 0.0, 0, 0
+    for b0 in range(0, ids.shape[0], ex.batch_size):
+        x, m = ids[b0:b0 + ex.batch_size], mask[b0:b0 + ex.batch_size]
+        h = runner.forward(x, m).final_hidden  # (b, T, H)
+        b, T, H = h.shape
+        tgt = torch.zeros(b, T, dtype=torch.long)
+        tgt[:, :-1] = x[:, 1:].long()  # position t predicts token t+1 (row-local)
+        real = torch.zeros(b, T, dtype=torch.bool)
+        real[:, :-1] = (m[:, :-1] * m[:, 1:]).bool()
+        width = torch.zeros(b, T, dtype=torch.long)
+        width[:, :-1] = (ce[b0:b0 + b, 1:] - cs[b0:b0 + b, 1:]).clamp(min=0)  # chars the target token covers
+        flat, tf, rf = h.reshape(b * T, H), tgt.view(-1), real.view(-1)
+        for p0 in range(0, b * T, ex.logit_chunk):
+            z = runner.logits(flat[p0:p0 + ex.logit_chunk].unsqueeze(0)).squeeze(0)[:, :real_vocab].float()
+            lp = z.log_softmax(-1).gather(-1, tf[p0:p0 + ex.logit_chunk, None].to(z.device)).squeeze(-1).cpu()
+            nll -= float(lp[rf[p0:p0 + ex.logit_chunk]].double().sum())
+        tokens += int(real.sum())
+        chars += int(width[real].sum())
+    if tokens == 0 or chars == 0:
+        return None
+    return {"loss": round(nll / tokens, 6), "loss_per_char": round(nll / chars, 6), "tokens": tokens, "chars": chars}
+
+
+def _old_quality(out_dir: Path) -> dict | None:
+    """The held-out figures of a complete earlier run with the same inputs (nothing to recompute)."""
+    try:
+        return shards.read_manifest(out_dir).get("heldout_quality")
+    except Exception:
+        return None
 
 
 def _kept_mass(files: list[Path]) -> dict:

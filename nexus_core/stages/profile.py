@@ -19,7 +19,7 @@ from nexus_core import data, safetensors_meta
 from nexus_core.atomic import write_json
 from nexus_core.config import Settings, parse_bytes
 from nexus_core.data import DatasetRef
-from nexus_core.errors import CorruptArtifactError, NexusError
+from nexus_core.errors import DatasetError, CorruptArtifactError, NexusError
 from nexus_core.paths import Paths
 from nexus_core.registry import Teacher
 from nexus_core.stages.context import StageContext, StageResult
@@ -175,17 +175,25 @@ def _calibration(cfg: Settings, tok, paths: Paths, datasets: list[DatasetRef]):
         ids = torch.randint(0, tokenizer_vocab(tok), (n, T), generator=g, dtype=torch.int32)
         return ids, torch.ones(n, T, dtype=torch.uint8), {"source": "random tokens", "sequences": n, "tokens": n * T}
     per = max(1, math.ceil(n / len(datasets)))
-    ids_parts, mask_parts = [], []
+    ids_parts, mask_parts, used, unusable = [], [], [], []
     for ref in datasets:
-        train, _ = data.split(data.load_texts(paths, ref, cfg.extract.text_field), cfg.extract.heldout_fraction)
+        # a bad dataset fails its own extract job; calibration just does without it
+        try:
+            texts = data.load_texts(paths, ref, cfg.extract.text_field)
+        except DatasetError as exc:
+            unusable.append(f"{ref}: {exc}")
+            continue
+        train, _ = data.split(texts, cfg.extract.heldout_fraction)
         if train:
+            used.append(str(ref))
             ids, mask = data.pack(tok, train, T, per)
             ids_parts.append(ids)
             mask_parts.append(mask)
     if not ids_parts:
-        raise NexusError(f"profile: no training documents in {', '.join(map(str, datasets))} to calibrate on")
+        raise DatasetError(f"profile: no training documents to calibrate on in {', '.join(map(str, datasets))}"
+                           + (f" ({'; '.join(unusable)})" if unusable else ""))
     ids, mask = torch.cat(ids_parts)[:n], torch.cat(mask_parts)[:n]
-    return ids, mask, {"source": [str(d) for d in datasets], "sequences": int(ids.shape[0]), "tokens": int(mask.sum())}
+    return ids, mask, {"source": used, "unusable": unusable, "sequences": int(ids.shape[0]), "tokens": int(mask.sum())}
 
 
 def _block_influence(runner, ids, mask, batch_size: int) -> list[float]:

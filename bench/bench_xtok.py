@@ -1,0 +1,244 @@
+"""Two teachers with different tokenizers: does the second one teach its own domain? Through the real stages.
+
+    python bench/bench_xtok.py            # full: ~6-10 min on 2 busy CPU cores (teachers cached afterwards)
+    python bench/bench_xtok.py --quick    # smoke test, ~1-2 min
+
+What runs:
+1. The demo's data (nexus_core.demo_data): `code/python-stdlib` and `reasoning/arithmetic`.
+2. Two teachers from different families, each trained (demo.train_causal_lm) mostly on its own domain:
+   "coder" - llama, byte-level BPE tokenizer, 90% code rows; the primary (the student inherits its
+   tokenizer and its pruned layers). "mathy" - qwen2, *unigram* (Metaspace) tokenizer of another
+   size, 90% arithmetic rows.
+3. run_profile and run_extract for both teachers on both domains: top-k shards with character offsets
+   and each teacher's held-out loss per character.
+4. run_distill from identical starts (same seed, data order, steps, schedule) with the primary alone
+   and with both teachers (mathy aligned by characters, its ids mapped by token text; per-domain
+   weights from held-out quality). Full mode adds the xtok_loss variants and registry-only weights.
+   Held-out loss per domain (nats per student token) comes from run_distill's own evaluation.
+
+Prints a markdown table and writes bench/out/xtok.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from nexus_core import data  # noqa: E402
+from nexus_core.config import load_settings  # noqa: E402
+from nexus_core.demo import train_causal_lm  # noqa: E402
+from nexus_core.demo_data import DataSpec, dataset_texts, ensure_datasets  # noqa: E402
+from nexus_core.model_factory import build_model, make_config, save_model, train_tokenizer  # noqa: E402
+from nexus_core.paths import Paths  # noqa: E402
+from nexus_core.plan import DistillPlan  # noqa: E402
+from nexus_core.registry import Teacher, _weight_files  # noqa: E402
+from nexus_core.stages.distill import run_distill  # noqa: E402
+from nexus_core.stages.extract import run_extract  # noqa: E402
+from nexus_core.stages.profile import run_profile  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+ARITH, CODE = "reasoning/arithmetic", "code/python-stdlib"
+DATASETS = (CODE, ARITH)  # sorted, as DistillPlan keeps them
+MARKER = "bench_marker.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    arith_rows: int = 3000
+    stdlib_bytes: int = 500_000
+    stdlib_max_file: int = 12_000
+    coder_vocab: int = 768  # byte-level BPE
+    mathy_vocab: int = 512  # unigram
+    seq_len: int = 64
+    hidden: int = 96
+    layers: int = 4
+    intermediate: int = 256
+    teacher_steps: int = 400
+    teacher_batch: int = 16
+    teacher_lr: float = 3e-3
+    own_share: float = 0.9  # share of a teacher's training rows from its own domain
+    distill_sequences: int = 96  # extract.max_samples per domain
+    top_k: int = 32
+
+    def fp(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+QUICK = Spec(arith_rows=600, stdlib_bytes=150_000, stdlib_max_file=6_000, coder_vocab=384, mathy_vocab=256, hidden=48,
+             intermediate=128, teacher_steps=120, distill_sequences=24)
+
+
+def settings(home: Path, spec: Spec, **distill):
+    d = {"batch_size": 8, "max_steps": 150, "epochs": 1000, "checkpoint_every": 100_000, "keep_checkpoints": 1}
+    d.update(distill)
+    return load_settings(home, environ={}, run={"device": "cpu", "seed": 7},
+                         extract={"seq_len": spec.seq_len, "top_k": spec.top_k, "max_samples": spec.distill_sequences,
+                                  "shard_size": 64, "batch_size": 16},
+                         distill=d, memory={"budget": "8GB"})
+
+
+# --- 1-3: data, teachers, profiles, shards (cached by the spec's fingerprint) ------------------------
+
+def prepare(spec: Spec, log) -> tuple[Path, dict]:
+    home = OUT / "xtok_cache" / spec.fp()
+    home.parent.mkdir(parents=True, exist_ok=True)
+    with open(home.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (home / MARKER).exists():
+            return home, {**json.loads((home / MARKER).read_text()), "cached": True}
+        info = _build(home, spec, log)
+        (home / MARKER).write_text(json.dumps(info, indent=1))
+        return home, {**info, "cached": False}
+
+
+def _mix(own: tuple, other: tuple, share: float, seed: int):
+    """Rows mostly from `own`: all of them, plus other-domain rows so that own makes `share` of the total."""
+    n_other = min(other[0].shape[0], int(own[0].shape[0] * (1 - share) / share))
+    idx = torch.randperm(other[0].shape[0], generator=torch.Generator().manual_seed(seed))[:n_other]
+    return torch.cat([own[0], other[0][idx]]), torch.cat([own[1], other[1][idx]])
+
+
+def _teacher(home: Path, spec: Spec, name: str, arch: str, tok, own: str, parts, seed: int, log) -> Teacher:
+    rows = {d: data.pack(tok, parts[d][0], spec.seq_len) for d in DATASETS}
+    other = ARITH if own == CODE else CODE
+    ids, mask = _mix(rows[own], rows[other], spec.own_share, seed)
+    config = make_config(arch, vocab_size=len(tok), hidden=spec.hidden, layers=spec.layers, heads=4, kv_heads=2,
+                         intermediate=spec.intermediate, max_pos=spec.seq_len * 2, tokenizer=tok)
+    model = build_model(config, seed=seed)
+    log(f"training {name} ({arch}, {len(tok)} tokens): {spec.teacher_steps} steps on {ids.shape[0]} rows")
+    train_causal_lm(model, ids, mask, spec.teacher_steps, spec.teacher_lr, spec.teacher_batch, seed=seed)
+    folder = home / "models" / name
+    save_model(model, tok, folder)
+    return Teacher(teacher_id=name, path=str(folder.resolve()), status="ready", source=f"registry/{name}.json",
+                   weight_files=_weight_files(folder), primary=name == "coder")
+
+
+def _build(home: Path, spec: Spec, log) -> dict:
+    shutil.rmtree(home, ignore_errors=True)
+    paths = Paths(home).ensure()
+    cfg = settings(home, spec)
+    t0 = time.perf_counter()
+    ensure_datasets(paths, DataSpec(arithmetic_rows=spec.arith_rows, stdlib_bytes=spec.stdlib_bytes,
+                                    stdlib_max_file_bytes=spec.stdlib_max_file))
+    parts = {k: data.split(v, cfg.extract.heldout_fraction) for k, v in dataset_texts(paths).items()}
+    train = parts[CODE][0] + parts[ARITH][0]
+    random.Random(0).shuffle(train)
+    bpe = train_tokenizer(train, vocab_size=spec.coder_vocab, algorithm="bpe")
+    uni = train_tokenizer(train, vocab_size=spec.mathy_vocab, algorithm="unigram")
+    teachers = [_teacher(home, spec, "coder", "llama", bpe, CODE, parts, 11, log),
+                _teacher(home, spec, "mathy", "qwen2", uni, ARITH, parts, 22, log)]
+    refs = [data.DatasetRef.parse(d) for d in DATASETS]
+    log("profile and extract (run_profile, run_extract) for both teachers")
+    quality = {}
+    for t in teachers:
+        run_profile(cfg, t, paths, refs)
+        for ref in refs:
+            res = run_extract(cfg, t, ref, paths)
+            quality.setdefault(t.teacher_id, {})[ref.key] = res.data["heldout_loss_per_char"]
+    return {"teachers": [t.to_dict() for t in teachers], "heldout_loss_per_char": quality,
+            "vocab": {"coder": len(bpe), "mathy": len(uni)}, "setup_s": round(time.perf_counter() - t0, 1),
+            "spec": dataclasses.asdict(spec)}
+
+
+# --- 4: students through run_distill ---------------------------------------------------------------
+
+def distill(home: Path, spec: Spec, plan: DistillPlan, name: str, **knobs) -> dict:
+    run = OUT / "xtok_runs" / f"{name}-{os.getpid()}"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    (run / "results").mkdir()
+    for sub in ("memory", "datasets", "results/profiles"):  # read-only inputs shared with the cache
+        os.symlink(home / sub, run / sub)
+    t0 = time.perf_counter()
+    res = run_distill(settings(run, spec, **knobs), plan, Paths(run))
+    ev = res.data["eval"]
+    out = {"knobs": knobs, "seconds": round(time.perf_counter() - t0, 1),
+           "student": {d: ev[d]["student"]["loss"] for d in ev}, "teacher_usage": res.data["teacher_usage"]}
+    shutil.rmtree(run, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    ap.add_argument("--steps", type=int, help="student optimizer steps (every student); default 150 (quick: 30)")
+    ap.add_argument("--teacher-steps", type=int, help="teacher training steps (default 400; quick: 120)")
+    args = ap.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    spec = QUICK if args.quick else Spec()
+    if args.teacher_steps is not None:
+        spec = dataclasses.replace(spec, teacher_steps=args.teacher_steps)
+    steps = args.steps or (30 if args.quick else 150)
+    t_start = time.perf_counter()
+    log = lambda msg: print(f"[bench_xtok {time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    home, setup = prepare(spec, log)
+    teachers = tuple(Teacher.from_dict(t) for t in setup["teachers"])
+    coder = next(t for t in teachers if t.teacher_id == "coder")
+    alone = DistillPlan(teachers=(coder,), primary="coder", datasets=DATASETS)
+    both = DistillPlan(teachers=teachers, primary="coder", datasets=DATASETS)
+    runs = {}
+    variants = [("primary alone", alone, {}), ("both (hybrid)", both, {"xtok_loss": "hybrid"})]
+    if not args.quick:
+        variants += [("both (shared only)", both, {"xtok_loss": "shared"}), ("both (ULD only)", both, {"xtok_loss": "uld"}),
+                     ("both, registry weights (tau=0)", both, {"teacher_quality_tau": 0.0})]
+    for label, plan, knobs in variants:
+        log(f"distill: {label}")
+        runs[label] = distill(home, spec, plan, label.split()[0] + str(len(runs)), max_steps=steps, **knobs)
+    base = runs["primary alone"]["student"]
+    rows = []
+    for label, r in runs.items():
+        rows.append({"variant": label, **{d: r["student"][d] for d in DATASETS},
+                     **{f"delta {d}": round(r["student"][d] - base[d], 4) for d in DATASETS}})
+    usage = runs["both (hybrid)"]["teacher_usage"]
+    result = {"spec": dataclasses.asdict(spec), "steps": steps, "setup": setup, "rows": rows, "runs": runs,
+              "mathy_usage": usage["mathy"], "device": "cpu", "torch_threads": 1,
+              "claim": {"mathy_improves_arithmetic": runs["both (hybrid)"]["student"][ARITH] < base[ARITH],
+                        "arith_delta": round(runs["both (hybrid)"]["student"][ARITH] - base[ARITH], 4),
+                        "code_delta": round(runs["both (hybrid)"]["student"][CODE] - base[CODE], 4)},
+              "wall_s": round(time.perf_counter() - t_start, 1)}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "xtok.json").write_text(json.dumps(result, indent=1))
+    print(render(result))
+
+
+def render(r: dict) -> str:
+    q = r["setup"]["heldout_loss_per_char"]
+    lines = [f"Student held-out loss (nats per student token), {r['steps']} distill steps each, CPU, "
+             f"k={r['spec']['top_k']}, seq_len={r['spec']['seq_len']}:", "",
+             f"| variant | {CODE} | {ARITH} | Δ {CODE} | Δ {ARITH} |", "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['variant']} | {row[CODE]:.4f} | {row[ARITH]:.4f} | {row['delta ' + CODE]:+.4f} | "
+                     f"{row['delta ' + ARITH]:+.4f} |")
+    lines += ["", "Teachers' held-out loss (nats per character, own tokenizer):", "",
+              f"| teacher | {CODE} | {ARITH} |", "|---|---|---|"]
+    for t, v in q.items():
+        lines.append(f"| {t} | {v[CODE]:.4f} | {v[ARITH]:.4f} |")
+    lines += ["", "How mathy's signal was used (both, hybrid):", "",
+              "| domain | aligned positions % | shared-token coverage % | shared vocab % | weight |", "|---|---|---|---|---|"]
+    for d, u in r["mathy_usage"]["domains"].items():
+        lines.append(f"| {d} | {u.get('aligned_positions_pct')} | {u.get('shared_token_coverage_pct')} | "
+                     f"{u.get('shared_vocab_pct')} | {u.get('weight')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
