@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import structlog
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from nexus_core import data, kd_loss  # noqa: E402
-from nexus_core.config import load_settings  # noqa: E402
+from nexus_core.config import DistillSettings, load_settings  # noqa: E402
 from nexus_core.demo import eval_causal_lm, train_causal_lm  # noqa: E402
 from nexus_core.demo_data import DataSpec, dataset_texts, ensure_datasets  # noqa: E402
 from nexus_core.kd_data import ShardLoader, open_streams  # noqa: E402
@@ -88,7 +89,7 @@ QUICK = Spec(arith_rows=600, stdlib_bytes=150_000, stdlib_max_file=6_000, vocab=
 
 
 def settings(home: Path, spec: Spec, **distill):
-    d = {"batch_size": 8, "max_steps": 150, "epochs": 1000, "checkpoint_every": 100_000, "keep_checkpoints": 1}
+    d = {"batch_size": 8, "epochs": 1000, "checkpoint_every": 100_000, "keep_checkpoints": 1}
     d.update(distill)
     return load_settings(home, environ={}, run={"device": "cpu", "seed": 7},
                          extract={"seq_len": spec.seq_len, "top_k": spec.top_k, "max_samples": spec.distill_sequences,
@@ -231,24 +232,25 @@ def time_steps(home: Path, spec: Spec, plan: DistillPlan, n_pairs: int, alpha: f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (~30 s)")
-    ap.add_argument("--steps", type=int, help="student optimizer steps (both students); default 150 (quick: 20)")
+    ap.add_argument("--steps", type=int, help="student optimizer steps (both students); default: DistillSettings.max_steps (quick: 20)")
     ap.add_argument("--teacher-steps", type=int, help="teacher training steps (default 500; quick: 60)")
     ap.add_argument("--alpha", type=float, default=None, help="KD student's alpha (default: DistillSettings')")
     ap.add_argument("--temperature", type=float, default=None)
     ap.add_argument("--lr", type=float, default=None, help="peak lr of both students (default: DistillSettings')")
     ap.add_argument("--timing-pairs", type=int, help="interleaved KD/CE step pairs timed (default 60; quick 10)")
-    ap.add_argument("--sweep", action="store_true", help="also run a table of KD settings")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the table of KD settings (alpha, T, lr, steps)")
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout carries the table only
     torch.set_num_threads(1)  # on a shared 2-core machine extra threads mostly spin; one thread is steadiest
     spec = QUICK if args.quick else Spec()
     if args.teacher_steps is not None:
         spec = dataclasses.replace(spec, teacher_steps=args.teacher_steps)
-    steps = args.steps or (20 if args.quick else 150)
+    defaults = DistillSettings()
+    steps = args.steps or (20 if args.quick else defaults.max_steps)
     pairs = args.timing_pairs or (10 if args.quick else 60)
-    defaults = settings(OUT, spec).distill
     alpha = defaults.alpha if args.alpha is None else args.alpha
     temperature = defaults.temperature if args.temperature is None else args.temperature
     lr = defaults.lr if args.lr is None else args.lr
@@ -257,15 +259,23 @@ def main() -> None:
 
     home, setup = prepare(spec, log)
     plan = DistillPlan(teachers=(Teacher.from_dict(setup["teacher"]),), primary="teacher", datasets=DATASETS)
-    log(f"setup {'cached' if setup['cached'] else 'built'}; CE run")
-    ce = distill(home, spec, plan, "ce", max_steps=steps, alpha=0.0, lr=lr)
-    log("KD run")
-    kd = distill(home, spec, plan, "kd", max_steps=steps, alpha=alpha, temperature=temperature, lr=lr)
+    log(f"setup {'cached' if setup['cached'] else 'built'}")
+    runs: dict[tuple, dict] = {}  # (alpha, T, lr, steps) -> distill result; CE runs have alpha 0 and T 1
+
+    def get(alpha_: float, t_: float, lr_: float, steps_: int) -> dict:
+        key = (alpha_, t_, lr_, steps_)
+        if key not in runs:
+            log(f"run_distill alpha={alpha_} T={t_} lr={lr_} steps={steps_}")
+            runs[key] = distill(home, spec, plan, "run", alpha=alpha_, temperature=t_, lr=lr_, max_steps=steps_)
+        return runs[key]
+
+    ce, kd = get(0.0, 1.0, lr, steps), get(alpha, temperature, lr, steps)
     log("timing")
     timing = time_steps(home, spec, plan, pairs, alpha, temperature)
     per_domain = {d: {"teacher": ce["teacher"][d], "ce": ce["student"][d], "kd": kd["student"][d],
+                      "gap_nats": ce["student"][d] - ce["teacher"][d],
                       "gap_closed": gap_closed(ce["student"][d], kd["student"][d], ce["teacher"][d])} for d in DATASETS}
-    sweep = run_sweep(home, spec, plan, steps, log) if args.sweep else None
+    sweep = None if args.quick or args.no_sweep else run_sweep(get, steps)
     uptime = os.getloadavg()
     summary = {
         "command": "python bench/bench_kd.py " + " ".join(sys.argv[1:]), "device": "cpu", "threads": 1,
@@ -294,25 +304,16 @@ def main() -> None:
     print(table(summary))
 
 
-def run_sweep(home: Path, spec: Spec, plan: DistillPlan, steps: int, log) -> list[dict]:
-    """A few principled settings; the CE baseline is rerun at each lr/steps so every row compares like with like."""
-    grid = [dict(alpha=a, temperature=1.0, lr=1e-3, max_steps=steps) for a in (0.5, 0.9, 1.0)]
-    grid += [dict(alpha=1.0, temperature=2.0, lr=1e-3, max_steps=steps),
-             dict(alpha=1.0, temperature=1.0, lr=3e-3, max_steps=steps),
-             dict(alpha=0.9, temperature=1.0, lr=3e-3, max_steps=steps),
-             dict(alpha=1.0, temperature=1.0, lr=1e-3, max_steps=steps * 2)]
-    ces, rows = {}, []
-    for i, knobs in enumerate(grid):
-        key = (knobs["lr"], knobs["max_steps"])
-        if key not in ces:
-            log(f"sweep CE lr={key[0]} steps={key[1]}")
-            ces[key] = distill(home, spec, plan, "sweep_ce", alpha=0.0, lr=key[0], max_steps=key[1])
-        log(f"sweep {knobs}")
-        r = distill(home, spec, plan, "sweep_kd", **knobs)
-        ce = ces[key]
-        rows.append({**knobs, **{f"gap_{d}": gap_closed(ce["student"][d], r["student"][d], ce["teacher"][d])
-                                 for d in DATASETS},
-                     "ce": ce["student"], "kd": r["student"], "teacher": ce["teacher"]})
+def run_sweep(get, steps: int) -> list[dict]:
+    """A few principled settings; each KD run is compared with a CE run at the same lr and steps."""
+    grid = [(a, 1.0, 1e-3, steps) for a in (0.5, 0.9, 1.0)]
+    grid += [(1.0, 2.0, 1e-3, steps), (0.9, 1.0, 3e-3, steps), (1.0, 1.0, 3e-3, steps), (0.9, 1.0, 3e-3, 2 * steps)]
+    rows = []
+    for alpha, t, lr, n in grid:
+        ce, kd = get(0.0, 1.0, lr, n), get(alpha, t, lr, n)
+        rows.append({"alpha": alpha, "temperature": t, "lr": lr, "max_steps": n,
+                     **{f"gap_{d}": gap_closed(ce["student"][d], kd["student"][d], ce["teacher"][d]) for d in DATASETS},
+                     "ce": ce["student"], "kd": kd["student"], "teacher": ce["teacher"]})
     return rows
 
 
@@ -326,10 +327,12 @@ def table(s: dict) -> str:
              f"T {s['temperature']}, k={s['spec']['top_k']} + tail; student = teacher layers {s['kept_layers']} "
              f"of {s['spec']['layers']}; {s['spec']['distill_sequences']} distill sequences x {s['spec']['seq_len']} "
              f"tokens per domain; load avg {s['load_avg_1_5_15']}", "",
-             "| domain | teacher | CE student | KD student | gap closed | target |", "|---|---|---|---|---|---|"]
+             "| domain | teacher | CE student | KD student | CE-teacher gap (nats) | gap closed by KD | target |",
+             "|---|---|---|---|---|---|---|"]
     for d, v in pd.items():
         ok = v["gap_closed"] is not None and v["gap_closed"] >= TARGET_GAP
-        lines.append(f"| {d} | {v['teacher']:.4f} | {v['ce']:.4f} | {v['kd']:.4f} | {_pct(v['gap_closed'])} | "
+        lines.append(f"| {d} | {v['teacher']:.4f} | {v['ce']:.4f} | {v['kd']:.4f} | {v['gap_nats']:.4f} | "
+                     f"{_pct(v['gap_closed'])} | "
                      f">= 85% ({'meets' if ok else 'MISSES'}) |")
     lines += ["", "| step time (1 thread, interleaved, %d pairs) | CE median [min, max] ms | KD median [min, max] ms "
               "| KD/CE median of pair ratios [min, max] | target |" % t["pairs"], "|---|---|---|---|---|"]
@@ -340,11 +343,14 @@ def table(s: dict) -> str:
                      f"{k['median'] * 1e3:.1f} [{k['min'] * 1e3:.1f}, {k['max'] * 1e3:.1f}] | {r['median']:.3f}x "
                      f"[{r['min']:.2f}, {r['max']:.2f}] | <= 1.10x ({ok}) |")
     if s.get("sweep"):
-        lines += ["", "| alpha | T | lr | steps | " + " | ".join(f"gap closed {d}" for d in DATASETS) + " |",
+        lines += ["", "Settings (each KD run vs a CE run at the same lr and steps; held-out loss CE -> KD, teacher in the "
+                  "header):", "",
+                  "| alpha | T | lr | steps | " + " | ".join(f"{d} (teacher {s['per_domain'][d]['teacher']:.3f}): CE -> KD, "
+                                                         "gap closed" for d in DATASETS) + " |",
                   "|---|---|---|---|" + "---|" * len(DATASETS)]
         for r in s["sweep"]:
-            lines.append(f"| {r['alpha']} | {r['temperature']} | {r['lr']} | {r['max_steps']} | "
-                         + " | ".join(_pct(r[f"gap_{d}"]) for d in DATASETS) + " |")
+            lines.append(f"| {r['alpha']} | {r['temperature']} | {r['lr']} | {r['max_steps']} | " + " | ".join(
+                f"{r['ce'][d]:.4f} -> {r['kd'][d]:.4f}, {_pct(r[f'gap_{d}'])}" for d in DATASETS) + " |")
     lines.append(f"\n{s['command']}: {s['total_s']} s (setup {s['setup']['setup_s']} s, cached={s['setup']['cached']})")
     return "\n".join(lines)
 

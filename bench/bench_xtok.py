@@ -7,7 +7,7 @@ What runs:
 1. The demo's data (nexus_core.demo_data): `code/python-stdlib` and `reasoning/arithmetic`.
 2. Two teachers from different families, each trained (demo.train_causal_lm) mostly on its own domain:
    "coder" - llama, byte-level BPE tokenizer, 90% code rows; the primary (the student inherits its
-   tokenizer and its pruned layers). "mathy" - qwen2, *unigram* (Metaspace) tokenizer of another
+   tokenizer and its pruned layers). "mathy" - mistral, *unigram* (Metaspace) tokenizer of another
    size, 90% arithmetic rows.
 3. run_profile and run_extract for both teachers on both domains: top-k shards with character offsets
    and each teacher's held-out loss per character.
@@ -141,7 +141,7 @@ def _build(home: Path, spec: Spec, log) -> dict:
     bpe = train_tokenizer(train, vocab_size=spec.coder_vocab, algorithm="bpe")
     uni = train_tokenizer(train, vocab_size=spec.mathy_vocab, algorithm="unigram")
     teachers = [_teacher(home, spec, "coder", "llama", bpe, CODE, parts, 11, log),
-                _teacher(home, spec, "mathy", "qwen2", uni, ARITH, parts, 22, log)]
+                _teacher(home, spec, "mathy", "mistral", uni, ARITH, parts, 22, log)]
     refs = [data.DatasetRef.parse(d) for d in DATASETS]
     log("profile and extract (run_profile, run_extract) for both teachers")
     quality = {}

@@ -61,7 +61,12 @@ def cmd_run(args, paths: Paths) -> int:
 
         paths.ensure()
         prepare_demo(paths, cfg)
-    return run_pipeline(paths, cfg)
+    code = run_pipeline(paths, cfg)
+    if args.demo and code == 0:
+        from nexus.demo_summary import demo_summary
+
+        demo_summary(paths, cfg)
+    return code
 
 
 def cmd_watch(args, paths: Paths) -> int:

@@ -21,7 +21,7 @@ def unigram_teacher_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("teachers") / "tiny-unigram"
     tok = train_tokenizer(ARITH + CODE, 200, "unigram")
-    make_teacher(out, ARITH + CODE, arch="qwen2", tokenizer=tok, hidden=48, layers=2, heads=4, kv_heads=2, seed=3)
+    make_teacher(out, ARITH + CODE, arch="mistral", tokenizer=tok, hidden=48, layers=2, heads=4, kv_heads=2, seed=3)
     return out
 
 
