@@ -102,7 +102,11 @@ def pack_with_offsets(tokenizer, texts: list[str], seq_len: int, max_sequences: 
 
 # --- position alignment --------------------------------------------------------------------
 
-def next_token_starts(cs: torch.Tensor, ce: torch.Tensor, mask: torch.Tensor, cross_rows: bool) -> torch.Tensor:
+SPAN_WIDTH_CAP = 4096  # token widths at or above this share one key in exact-span mode (never in practice)
+
+
+def next_token_starts(cs: torch.Tensor, ce: torch.Tensor, mask: torch.Tensor, cross_rows: bool,
+                      exact_span: bool = False) -> torch.Tensor:
     """For every position p the character where the token it predicts (p+1) starts, or -1.
 
     cs/ce/mask (n, T) -> (n, T) int64. -1 where p or p+1 is padding, where the next token is
@@ -110,11 +114,15 @@ def next_token_starts(cs: torch.Tensor, ce: torch.Tensor, mask: torch.Tensor, cr
     byte-token of a split character) - its start is not a boundary both tokenizations share.
     Rows are one contiguous stream, so the last position of a row predicts the next row's
     first token when cross_rows (False when extraction skipped rows: the stream has gaps).
+    exact_span: the key also encodes the next token's width (start * SPAN_WIDTH_CAP + width), so
+    positions align only where both tokenizers predict a token with exactly the same text.
     """
     n, T = cs.shape
     fs, fe, fm = cs.reshape(-1), ce.reshape(-1), mask.reshape(-1).bool()
     nxt_s = torch.full_like(fs, -1)
     nxt_s[:-1] = fs[1:]
+    if exact_span:
+        nxt_s[:-1] = fs[1:] * SPAN_WIDTH_CAP + (fe[1:] - fs[1:]).clamp(max=SPAN_WIDTH_CAP - 1)
     ok = torch.zeros_like(fm)
     ok[:-1] = fm[:-1] & fm[1:] & (fe[1:] > fs[1:]) & (fs[1:] >= fe[:-1])
     if not cross_rows:

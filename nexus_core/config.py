@@ -79,6 +79,8 @@ class DistillSettings:
     xtok_loss: str = setting("hybrid", "loss for teachers with another tokenizer: hybrid (shared-token KL + ULD on "
                              "the rest), shared (KL on shared tokens only) or uld (sorted-probability only)",
                              ("hybrid", "shared", "uld"))
+    xtok_align: str = setting("token", "cross-tokenizer position alignment: token (the next tokens have the same "
+                              "text) or boundary (they only start at the same character)", ("token", "boundary"))
     xtok_uld_weight: float = setting(1.0, "weight of the sorted-probability (ULD) term for cross-tokenizer teachers")
     teacher_quality_tau: float = setting(0.1, "per-domain teacher weight = registry weight x softmax(-held-out "
                                          "nats per char / tau); 0 = registry weights only")
@@ -133,6 +135,8 @@ class Settings:
             raise ConfigError("--extract-heldout-fraction must be in (0, 1)")
         if self.distill.xtok_loss not in ("hybrid", "shared", "uld"):
             raise ConfigError(f"--distill-xtok-loss must be hybrid, shared or uld, not {self.distill.xtok_loss!r}")
+        if self.distill.xtok_align not in ("token", "boundary"):
+            raise ConfigError(f"--distill-xtok-align must be token or boundary, not {self.distill.xtok_align!r}")
         if self.run.sli not in ("auto", "always", "never"):
             raise ConfigError(f"--sli must be auto, always or never, not {self.run.sli!r}")
         if self.memory.budget:

@@ -192,7 +192,7 @@ def open_streams(cfg: Settings, plan: DistillPlan, paths: Paths) -> tuple[list[S
     registry = {t.teacher_id: t.weight for t in plan.teachers}
     usage: dict[str, dict] = {t.teacher_id: {"tokenizer": "primary" if fps.get(t.teacher_id) in (None, primary_fp)
                                              else "aligned", "domains": {}} for t in plan.teachers}
-    xtok = _CrossTokenizer(plan, primary_fp)
+    xtok = _CrossTokenizer(cfg, plan, primary_fp)
     streams: list[Stream] = []
     vocab = None
     for dataset in sorted(sources):
@@ -246,8 +246,8 @@ def _weigh(cfg: Settings, srcs: list[Source], registry: dict[str, float], usage:
 class _CrossTokenizer:
     """Builds AlignedSources: position tables per (stream, teacher), one id table per teacher."""
 
-    def __init__(self, plan: DistillPlan, primary_fp: str | None):
-        self.plan, self.primary_fp = plan, primary_fp
+    def __init__(self, cfg: Settings, plan: DistillPlan, primary_fp: str | None):
+        self.cfg, self.plan, self.primary_fp = cfg, plan, primary_fp
         self._student_tok = None
         self._maps: dict[str, tuple[torch.Tensor, dict]] = {}
 
@@ -274,8 +274,9 @@ class _CrossTokenizer:
             dom.update(used=False, reason=why)
             return
         cross = not (lead.manifest.get("skipped_sequences") or src.manifest.get("skipped_sequences"))
-        s_next = align.next_token_starts(*_spans(lead), cross_rows=cross)  # (n_s, T)
-        t_next = align.next_token_starts(*_spans(src), cross_rows=cross)  # (n_t, T)
+        exact = self.cfg.distill.xtok_align == "token"
+        s_next = align.next_token_starts(*_spans(lead), cross_rows=cross, exact_span=exact)  # (n_s, T)
+        t_next = align.next_token_starts(*_spans(src), cross_rows=cross, exact_span=exact)  # (n_t, T)
         table = align.align_positions(s_next, t_next)  # (n_s, T)
         id_map, vinfo = self._id_map(src.teacher_id)
         real = int(_spans(lead)[2].sum())

@@ -12,6 +12,7 @@ PAUSE_KEY = "nexus:pause"  # JSON reason, TTL = pause length
 CONTROL_CHANNEL = "nexus:control"  # pub/sub: {"cmd": "pause"|"resume", ...}
 MONITOR_TEMP_KEY = "nexus:gpu:temp"  # last temperature the monitor read (JSON)
 ALIVE_KEY = "nexus:alive:{}"  # per worker name; refreshed while it lives, even mid-job
+GPU_CLAIM_KEY = "nexus:gpu-claim:{}"  # GPU index -> worker name; one worker per GPU (compose --scale)
 ALIVE_TTL_S = 30  # the dead-worker timeout: a started job whose worker is silent this long is an orphan
 
 

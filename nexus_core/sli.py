@@ -7,7 +7,10 @@ exactly the ones the model computes; (2) reads the embeddings, embeds the chunk,
 (3) for each layer in order reads its tensors (only that layer's keys), runs it over the whole
 chunk (in micro-batches of sequences when a memory budget asks for it), frees it; (4) reads
 the final norm + LM head. A background thread reads the next group while the current one
-computes, so at most two groups are resident. Numbers are bit-identical to a full load on CPU
+computes (on CUDA into pinned buffers, copied on a side stream), so at most two groups are
+resident. With a memory budget, each layer runs over the chunk in micro-batches and the chunk's
+hidden states spill to a memory-mapped scratch file when they outgrow it. Mixture-of-experts
+layers read only the routed experts when a chunk is too small to route to most of them. Numbers are bit-identical to a full load on CPU
 because the very same module code runs on the very same inputs.
 """
 
@@ -25,30 +28,11 @@ import torch
 from torch import nn
 
 from nexus_core.safetensors_meta import scan
-from nexus_core.sli_arch import (Source, SLIUnsupportedError, WeightIndex, expert_modules, keep_fp32, renamer,
-                                 sli_support)
+from nexus_core.sli_arch import (Recorder, Source, SLIUnsupportedError, Stop, WeightIndex, expert_modules, keep_fp32,
+                                 renamer, return_freed_memory, slice_calls, sli_support, write_rows)
 from nexus_core.teacher import ForwardOutput, apply_logit_transforms, block_influence, default_dtype
 
 __all__ = ["StreamingRunner", "sli_support", "SLIUnsupportedError", "open_with_fallback"]
-
-
-class _Stop(Exception):
-    """Raised by the last recording stand-in: the skeleton forward has handed over what we need."""
-
-
-class _Recorder(nn.Module):
-    """Stands in for decoder layer `idx` in a skeleton forward: records (hidden, args, kwargs)."""
-
-    def __init__(self, idx: int, calls: dict, stop_at: int):
-        super().__init__()
-        self.idx, self.calls, self.stop_at = idx, calls, stop_at
-
-    def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.calls[self.idx] = (hidden, args[1:], kwargs)
-        if self.idx == self.stop_at:
-            raise _Stop
-        return hidden
 
 
 @dataclass
@@ -111,7 +95,7 @@ class StreamingRunner:
         for i, layer in enumerate(self.layers):
             self.groups[i] = self._group(layer, names)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        _return_freed_memory()
+        return_freed_memory()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sli-prefetch") if prefetch else None
         self._tail: _Loaded | None = None
         self._hooks: list = []
@@ -256,10 +240,10 @@ class StreamingRunner:
         """Run the model's own forward with recorders in place of the layers; layer idx -> (hidden, args, kwargs)."""
         calls: dict = {}
         real = self.base.layers
-        self.base.layers = nn.ModuleList([_Recorder(i, calls, stop_at) for i in range(self.num_layers)])
+        self.base.layers = nn.ModuleList([Recorder(i, calls, stop_at) for i in range(self.num_layers)])
         try:
             self.base(**inputs, use_cache=False)
-        except _Stop:
+        except Stop:
             pass
         finally:
             self.base.layers = real
@@ -309,7 +293,11 @@ class StreamingRunner:
         return 1 - (1 - k / E) ** tokens < 0.75
 
     @torch.no_grad()
-    def forward(self, input_ids, attention_mask, keep_layers: Sequence[int] = (), influence: bool = False) -> ForwardOutput:
+    def forward(self, input_ids, attention_mask, keep_layers: Sequence[int] = (),
+                influence: bool = False) -> ForwardOutput:
+        """One pass of every layer over the chunk; see TeacherRunner. Bit-identical to a full load of the
+        same chunk when it runs in one micro-batch (no budget); with micro-batches, to a full load run on
+        those micro-batches (MoE expert matmuls group tokens differently otherwise)."""
         ids = input_ids.to(self.device, torch.long)               # (n, T)
         mask = attention_mask.to(self.device, torch.long)         # (n, T)
         n, T = ids.shape
@@ -339,7 +327,7 @@ class StreamingRunner:
         h = self._alloc((n, T, H), spill)                          # (n, T, H) the chunk's hidden states
         for s, e in spans:
             x = self._skeleton_calls(0, input_ids=ids[s:e], attention_mask=mask[s:e])[0][0]
-            h = x if mb == n and not spill else _write(h, s, e, x)
+            h = x if mb == n and not spill else write_rows(h, s, e, x)
         self._free("embed")
 
         # 3. Decoder layers, in order; the next group is read while this one computes.
@@ -354,18 +342,18 @@ class StreamingRunner:
             num, den = 0.0, 0.0
             for s, e in spans:
                 x = h[s:e].to(self.device) if spill or mb < n else h
-                y = self.layers[i](x, *_slice(args, s, e, n, mb), **_slice(kwargs, s, e, n, mb))
+                y = self.layers[i](x, *slice_calls(args, s, e, n, mb), **slice_calls(kwargs, s, e, n, mb))
                 y = y[0] if isinstance(y, (tuple, list)) else y   # (mb, T, H)
                 if influence and mb == n:
                     infl[i] = block_influence(x, y, mask).cpu()
                 elif influence:  # token-weighted mean over the micro-batches
                     w = float(mask[s:e].sum())
                     num, den = num + float(block_influence(x, y, mask[s:e])) * w, den + w
-                h = y if mb == n and not spill else _write(h, s, e, y)
+                h = y if mb == n and not spill else write_rows(h, s, e, y)
             if influence and mb < n:
                 infl[i] = num / max(den, 1.0)
             if i in keep:
-                hidden[i] = h if mb == n and not spill else _write(self._alloc((n, T, H), spill), 0, n, h)
+                hidden[i] = h if mb == n and not spill else write_rows(self._alloc((n, T, H), spill), 0, n, h)
             self._free(i)
 
         # 4. Final norm (the head stays resident for logits() until the next forward).
@@ -375,7 +363,7 @@ class StreamingRunner:
             h = self.norm(h)
         else:
             for s, e in spans:
-                _write(h, s, e, self.norm(h[s:e].to(self.device)))
+                write_rows(h, s, e, self.norm(h[s:e].to(self.device)))
         return ForwardOutput(final_hidden=h, hidden=hidden, influence=infl if influence else None)
 
     @torch.no_grad()
@@ -395,39 +383,6 @@ class StreamingRunner:
             self._tail = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _return_freed_memory() -> None:
-    """Serve host allocations ≥ 1 MiB from mmap so freed layers/activations go back to the OS at once.
-
-    glibc otherwise raises its mmap threshold after the first large free and keeps later
-    freed blocks in the heap, so a stream of layer-sized tensors would ratchet RSS upward."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed => no dynamic raise)
-        libc.mallopt(-1, 2 << 20)  # M_TRIM_THRESHOLD (a raised threshold would have lifted it to 2x, up to 64 MiB)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-def _write(dst: torch.Tensor, s: int, e: int, src: torch.Tensor) -> torch.Tensor:
-    dst[s:e].copy_(src)
-    return dst
-
-
-def _slice(obj, s: int, e: int, n: int, mb: int):
-    """Cut per-sequence tensors (leading dim n) of a layer's call arguments down to sequences s:e."""
-    if mb == n:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj[s:e] if obj.dim() and obj.shape[0] == n and n > 1 else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_slice(o, s, e, n, mb) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _slice(v, s, e, n, mb) for k, v in obj.items()}
-    return obj
 
 
 def open_with_fallback(model_dir, device: str = "cpu", dtype: torch.dtype | None = None,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from nexus_core.errors import NexusError
 from nexus_core.safetensors_meta import scan
@@ -148,3 +149,57 @@ def keep_fp32(model, name: str) -> bool:
         getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     parts = name.split(".")
     return any(m in parts for m in mods)
+
+
+# --- forward glue: recording the model's own layer calls, cutting them into micro-batches --------
+
+class Stop(Exception):
+    """Raised by the last recording stand-in: the skeleton forward has handed over what we need."""
+
+
+class Recorder(nn.Module):
+    """Stands in for decoder layer `idx` in a skeleton forward: records (hidden, args, kwargs)."""
+
+    def __init__(self, idx: int, calls: dict, stop_at: int):
+        super().__init__()
+        self.idx, self.calls, self.stop_at = idx, calls, stop_at
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.calls[self.idx] = (hidden, args[1:], kwargs)
+        if self.idx == self.stop_at:
+            raise Stop
+        return hidden
+
+
+def return_freed_memory() -> None:
+    """Serve host allocations ≥ 1 MiB from mmap so freed layers/activations go back to the OS at once.
+
+    glibc otherwise raises its mmap threshold after the first large free and keeps later
+    freed blocks in the heap, so a stream of layer-sized tensors would ratchet RSS upward."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed => no dynamic raise)
+        libc.mallopt(-1, 2 << 20)  # M_TRIM_THRESHOLD (a raised threshold would have lifted it to 2x, up to 64 MiB)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def write_rows(dst: torch.Tensor, s: int, e: int, src: torch.Tensor) -> torch.Tensor:
+    dst[s:e].copy_(src)
+    return dst
+
+
+def slice_calls(obj, s: int, e: int, n: int, mb: int):
+    """Cut per-sequence tensors (leading dim n) of a layer's call arguments down to sequences s:e."""
+    if mb == n:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj[s:e] if obj.dim() and obj.shape[0] == n and n > 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(slice_calls(o, s, e, n, mb) for o in obj)
+    if isinstance(obj, dict):
+        return {k: slice_calls(v, s, e, n, mb) for k, v in obj.items()}
+    return obj

@@ -48,6 +48,14 @@ def test_positions_align_on_shared_character_boundaries():
     assert table[0, :3].tolist() == [1, 3, -1] and (table[0, 3:] == -1).all()
 
 
+def test_exact_span_alignment_needs_the_same_next_token_text():
+    s = _spans([(0, 2), (2, 5), (5, 6)])  # [ab][ cd][EOS]
+    t = _spans([(0, 1), (1, 2), (2, 4), (4, 5), (5, 6)])  # [a][b][ c][d][EOS]
+    table = align.align_positions(align.next_token_starts(*s, cross_rows=False, exact_span=True),
+                                  align.next_token_starts(*t, cross_rows=False, exact_span=True))
+    assert table[0, :3].tolist() == [-1, 3, -1]  # ' cd' vs ' c' differ; both predict the EOS at 5..6
+
+
 def test_continuations_and_zero_width_tokens_are_not_boundaries():
     # teacher: a character split into two byte tokens (both span 1..2), and a zero-width marker at 3.
     t = _spans([(0, 1), (1, 2), (1, 2), (2, 3), (3, 3), (3, 4)])

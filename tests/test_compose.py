@@ -155,3 +155,9 @@ def test_dockerfile_and_dockerignore():
     # the build context must not ship the venv, git history or the user's (possibly huge) data
     assert {".git", ".venv", ".nexus", *RUNTIME_DIRS} <= ignored
     assert "pyproject.toml" not in ignored and "README.md" not in ignored
+
+
+def test_multi_gpu_override_gives_each_worker_every_gpu_to_claim_from():
+    multi = resolved(BASE, "docker-compose.multi-gpu.yml")
+    assert devices(multi["services"]["worker"]) == [{**GPU_DEVICE, "count": -1}]  # compose writes `all` as -1
+    assert devices(multi["services"]["monitor"]) == [GPU_DEVICE]

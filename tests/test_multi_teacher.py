@@ -48,7 +48,7 @@ def test_pipeline_runs_with_two_teachers_of_different_tokenizers(demo_workdir, u
     assert usage["tiny"]["tokenizer"] == "primary" and usage["uni"]["tokenizer"] == "aligned"
     for d in ("reasoning/arith", "code/snippets"):
         uni = usage["uni"]["domains"][d]
-        assert uni["used"] and uni["aligned_positions_pct"] > 50, uni
+        assert uni["used"] and uni["aligned_positions_pct"] > 20, uni  # next tokens with the same text
         assert 0 < uni["shared_token_coverage_pct"] <= 100
         tiny = usage["tiny"]["domains"][d]
         # per-domain weights follow held-out quality (nats per character, comparable across tokenizers)

@@ -92,3 +92,14 @@ def test_filesystem_lock_check(tmp_path, monkeypatch):
     monkeypatch.setenv("NEXUS_TRUST_FLOCK", "1")
     check_lockable(Paths(tmp_path))
     json.dumps({})
+
+
+def test_workers_claim_distinct_gpus(redis_conn):
+    from workers.worker import claim_gpu
+
+    assert claim_gpu(redis_conn, "w1", 2) == 0
+    assert claim_gpu(redis_conn, "w2", 2) == 1
+    assert claim_gpu(redis_conn, "w3", 2) is None  # all taken
+    redis_conn.delete(keys.GPU_CLAIM_KEY.format(0))  # w1 died: its claim expired
+    assert claim_gpu(redis_conn, "w3", 2) == 0
+    assert 0 < redis_conn.ttl(keys.GPU_CLAIM_KEY.format(1)) <= keys.ALIVE_TTL_S

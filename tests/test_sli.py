@@ -204,3 +204,19 @@ def test_mismatched_config_lists_missing_tensors(tmp_path, tok):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SLIUnsupportedError, match="model.layers.3"):
         StreamingRunner(d)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pinned_prefetch_matches_full_load(tmp_path, tok):
+    d = mf.make_teacher(tmp_path / "cuda", TEXTS, arch="mixtral", tokenizer=tok, **SIZES)
+    runner = StreamingRunner(d, device="cuda", dtype=torch.float32)
+    ids, mask = _chunk(runner.head_vocab)
+    out = runner.forward(ids, mask, keep_layers=[1])
+    logits = runner.logits(out.final_hidden).cpu()
+    runner.close()
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).cuda().eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids.cuda(), attention_mask=mask.cuda(), use_cache=False).logits.float().cpu()
+    (i1, v1), (i2, v2) = _topk(logits), _topk(ref)
+    assert torch.equal(i1, i2) and torch.allclose(v1, v2, atol=1e-5)

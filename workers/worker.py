@@ -17,6 +17,7 @@ from rq.registry import StartedJobRegistry
 from rq.worker import Worker
 
 from nexus_core import keys
+from nexus_core.errors import NexusError
 from nexus_core.events import EventLog
 from workers.context import Flags, install_process_handlers
 
@@ -28,10 +29,13 @@ class NexusWorker(SimpleWorker):
     and orphan recovery in its maintenance, so that another worker adopts a dead one's job."""
 
     events: EventLog | None = None
+    gpu_index: int | None = None  # the GPU this worker claimed, kept while it lives
 
     def _touch_alive(self) -> None:
         try:
             self.connection.set(keys.ALIVE_KEY.format(self.name), os.getpid(), ex=keys.ALIVE_TTL_S)
+            if self.gpu_index is not None:
+                self.connection.set(keys.GPU_CLAIM_KEY.format(self.gpu_index), self.name, ex=keys.ALIVE_TTL_S)
         except Exception:
             pass
 
@@ -64,6 +68,8 @@ class NexusWorker(SimpleWorker):
     def teardown(self):
         try:
             self.connection.delete(keys.ALIVE_KEY.format(self.name))
+            if self.gpu_index is not None:
+                self.connection.delete(keys.GPU_CLAIM_KEY.format(self.gpu_index))
         except Exception:
             pass
         super().teardown()
@@ -103,6 +109,24 @@ def recover_orphans(conn, events: EventLog, me: str | None = None) -> list[str]:
     return recovered
 
 
+def claim_gpu(conn, worker_name: str, gpu_count: int) -> int | None:
+    """The first GPU no live worker holds; claims expire with the worker's liveness, so a
+    dead worker's GPU is free again after the dead-worker timeout."""
+    for i in range(gpu_count):
+        if conn.set(keys.GPU_CLAIM_KEY.format(i), worker_name, nx=True, ex=keys.ALIVE_TTL_S):
+            return i
+    return None
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
 def run_worker(conn, events: EventLog, burst: bool = False, name: str | None = None,
                device: str | None = None) -> bool:
     """Work the queue; returns True when any job ran. Stops after a USR1/TERM-paused job.
@@ -113,6 +137,14 @@ def run_worker(conn, events: EventLog, burst: bool = False, name: str | None = N
     worker = NexusWorker([queue], connection=conn, name=name, worker_ttl=keys.ALIVE_TTL_S,
                          maintenance_interval=keys.ALIVE_TTL_S)
     worker.events = events
+    if device is None and _visible_gpus() > 1:
+        # several GPUs and no --device: take a free one (`docker compose up --scale worker=N`)
+        worker.gpu_index = claim_gpu(conn, worker.name, _visible_gpus())
+        if worker.gpu_index is None:
+            raise NexusError(f"every one of the {_visible_gpus()} GPUs is held by a live worker; "
+                             "stop one, or start this worker with --device cpu")
+        device = f"cuda:{worker.gpu_index}"
+        log.info("worker claimed a GPU", device=device)
     Flags.device = device
     recover_orphans(conn, events, me=worker.name)
     install_process_handlers()

@@ -36,7 +36,7 @@ _REASON = {Control.CHECKPOINT: "sigusr2", Control.PAUSE: "pause", Control.STOP_U
            Control.STOP_TERM: "sigterm"}
 # Settings that change the numbers a run computes; a checkpoint made with others cannot be resumed.
 _MATH_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
-              "grad_clip", "temperature", "alpha", "hidden_weight", "xtok_loss", "xtok_uld_weight",
+              "grad_clip", "temperature", "alpha", "hidden_weight", "xtok_loss", "xtok_align", "xtok_uld_weight",
               "teacher_quality_tau")
 
 
