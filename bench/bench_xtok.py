@@ -6,7 +6,7 @@
 What runs:
 1. The demo's data (nexus_core.demo_data): `code/python-stdlib` and `reasoning/arithmetic`.
 2. Two teachers from different families, each trained (demo.train_causal_lm) mostly on its own domain:
-   "coder" - llama, byte-level BPE tokenizer, 90% code rows; the primary (the student inherits its
+   "coder" - llama, byte-level BPE tokenizer, 98% code rows; the primary (the student inherits its
    tokenizer and its pruned layers). "mathy" - mistral, *unigram* (Metaspace) tokenizer of another
    size, 90% arithmetic rows.
 3. run_profile and run_extract for both teachers on both domains: top-k shards with character offsets
@@ -71,7 +71,8 @@ class Spec:
     teacher_steps: int = 400
     teacher_batch: int = 16
     teacher_lr: float = 3e-3
-    own_share: float = 0.9  # share of a teacher's training rows from its own domain
+    coder_own_share: float = 0.98  # share of the coder's training rows that are code (it barely saw arithmetic)
+    mathy_own_share: float = 0.9  # share of mathy's training rows that are arithmetic
     distill_sequences: int = 96  # extract.max_samples per domain
     top_k: int = 32
 
@@ -116,7 +117,7 @@ def _mix(own: tuple, other: tuple, share: float, seed: int):
 def _teacher(home: Path, spec: Spec, name: str, arch: str, tok, own: str, parts, seed: int, log) -> Teacher:
     rows = {d: data.pack(tok, parts[d][0], spec.seq_len) for d in DATASETS}
     other = ARITH if own == CODE else CODE
-    ids, mask = _mix(rows[own], rows[other], spec.own_share, seed)
+    ids, mask = _mix(rows[own], rows[other], spec.coder_own_share if own == CODE else spec.mathy_own_share, seed)
     config = make_config(arch, vocab_size=len(tok), hidden=spec.hidden, layers=spec.layers, heads=4, kv_heads=2,
                          intermediate=spec.intermediate, max_pos=spec.seq_len * 2, tokenizer=tok)
     model = build_model(config, seed=seed)

@@ -211,9 +211,6 @@ def open_streams(cfg: Settings, plan: DistillPlan, paths: Paths) -> tuple[list[S
                 dom.update(used=False, reason="no teacher with the primary tokenizer has shards for this dataset")
                 continue
             xtok.attach(made[0], src, dom)  # made[0] holds the primary's rows when it has this dataset
-        for st in made:
-            if st.aligned:
-                st.aligned = [a for a in st.aligned if a.table.ge(0).any()]
         streams.extend(made)
     for tid, u in usage.items():
         for d, dom in u["domains"].items():

@@ -91,7 +91,10 @@ def run_stage(payload: dict) -> dict:
     paths = Paths(Path(payload["home"]))
     events = EventLog(paths.log, redis=conn)
     teacher_id = (payload.get("teacher") or {}).get("teacher_id")
-    bound = log.bind(job_id=job_id, stage=stage, teacher=teacher_id, dataset=payload.get("dataset"))
+    # every log line of the stage (its own modules' too) carries the job's identity
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job_id=job_id, stage=stage, teacher=teacher_id, dataset=payload.get("dataset"))
+    bound = log
 
     # 1. already done with intact artefacts (e.g. the queue was rebuilt): record the skip
     record = replay(read_events(paths.log)).stages.get(job_id)
@@ -133,9 +136,10 @@ def run_stage(payload: dict) -> dict:
         raise
     finally:
         Flags.clear_handled()
+        structlog.contextvars.clear_contextvars()
     ctx.started()
     artifacts = [artifact_record(p, paths.home) for p in result.artifacts]
     events.append("StageCompleted", teacher_id=teacher_id, stage=stage, job_id=job_id,
                   data={"artifacts": artifacts, "seconds": round(time.monotonic() - t0, 3), **result.data})
-    bound.info("stage completed", seconds=round(time.monotonic() - t0, 2))
+    log.info("stage completed", job_id=job_id, stage=stage, teacher=teacher_id, seconds=round(time.monotonic() - t0, 2))
     return {"artifacts": len(artifacts)}
