@@ -26,13 +26,16 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import structlog
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +87,10 @@ QUICK = Spec(arith_rows=600, stdlib_bytes=150_000, stdlib_max_file=6_000, coder_
              intermediate=128, teacher_steps=120, distill_sequences=24)
 
 
-def settings(home: Path, spec: Spec, **distill):
+def settings(home: Path, spec: Spec, seed: int = 7, **distill):
     d = {"batch_size": 8, "max_steps": 150, "epochs": 1000, "checkpoint_every": 100_000, "keep_checkpoints": 1}
     d.update(distill)
-    return load_settings(home, environ={}, run={"device": "cpu", "seed": 7},
+    return load_settings(home, environ={}, run={"device": "cpu", "seed": seed},
                          extract={"seq_len": spec.seq_len, "top_k": spec.top_k, "max_samples": spec.distill_sequences,
                                   "shard_size": 64, "batch_size": 16},
                          distill=d, memory={"budget": "8GB"})
@@ -158,7 +161,7 @@ def _build(home: Path, spec: Spec, log) -> dict:
 
 # --- 4: students through run_distill ---------------------------------------------------------------
 
-def distill(home: Path, spec: Spec, plan: DistillPlan, name: str, **knobs) -> dict:
+def distill(home: Path, spec: Spec, plan: DistillPlan, name: str, seed: int = 7, **knobs) -> dict:
     run = OUT / "xtok_runs" / f"{name}-{os.getpid()}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -166,9 +169,9 @@ def distill(home: Path, spec: Spec, plan: DistillPlan, name: str, **knobs) -> di
     for sub in ("memory", "datasets", "results/profiles"):  # read-only inputs shared with the cache
         os.symlink(home / sub, run / sub)
     t0 = time.perf_counter()
-    res = run_distill(settings(run, spec, **knobs), plan, Paths(run))
+    res = run_distill(settings(run, spec, seed, **knobs), plan, Paths(run))
     ev = res.data["eval"]
-    out = {"knobs": knobs, "seconds": round(time.perf_counter() - t0, 1),
+    out = {"knobs": knobs, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
            "student": {d: ev[d]["student"]["loss"] for d in ev}, "teacher_usage": res.data["teacher_usage"]}
     shutil.rmtree(run, ignore_errors=True)
     return out
@@ -179,10 +182,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     ap.add_argument("--steps", type=int, help="student optimizer steps (every student); default 150 (quick: 30)")
     ap.add_argument("--teacher-steps", type=int, help="teacher training steps (default 400; quick: 120)")
+    ap.add_argument("--seeds", type=int, default=3, help="student seeds for primary-alone vs both (full mode)")
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))  # stdout: the table only
     torch.set_num_threads(1)
     spec = QUICK if args.quick else Spec()
     if args.teacher_steps is not None:
@@ -196,25 +201,36 @@ def main() -> None:
     coder = next(t for t in teachers if t.teacher_id == "coder")
     alone = DistillPlan(teachers=(coder,), primary="coder", datasets=DATASETS)
     both = DistillPlan(teachers=teachers, primary="coder", datasets=DATASETS)
-    runs = {}
-    variants = [("primary alone", alone, {}), ("both (hybrid)", both, {"xtok_loss": "hybrid"})]
+    seeds = (7,) if args.quick else tuple(range(7, 7 + args.seeds))
+    variants = [("primary alone", alone, {}, seeds), ("both (hybrid)", both, {"xtok_loss": "hybrid"}, seeds)]
     if not args.quick:
-        variants += [("both (shared only)", both, {"xtok_loss": "shared"}), ("both (ULD only)", both, {"xtok_loss": "uld"}),
-                     ("both, registry weights (tau=0)", both, {"teacher_quality_tau": 0.0})]
-    for label, plan, knobs in variants:
-        log(f"distill: {label}")
-        runs[label] = distill(home, spec, plan, label.split()[0] + str(len(runs)), max_steps=steps, **knobs)
-    base = runs["primary alone"]["student"]
+        variants += [("both (shared only)", both, {"xtok_loss": "shared"}, seeds[:1]),
+                     ("both (ULD only)", both, {"xtok_loss": "uld"}, seeds[:1]),
+                     ("both (boundary alignment)", both, {"xtok_align": "boundary"}, seeds[:1]),
+                     ("both, registry weights (tau=0)", both, {"teacher_quality_tau": 0.0}, seeds[:1])]
+    runs: dict[str, list[dict]] = {}
+    for label, plan, knobs, vseeds in variants:
+        for seed in vseeds:
+            log(f"distill: {label}, seed {seed}")
+            runs.setdefault(label, []).append(distill(home, spec, plan, f"v{len(runs)}", seed, max_steps=steps, **knobs))
     rows = []
-    for label, r in runs.items():
-        rows.append({"variant": label, **{d: r["student"][d] for d in DATASETS},
-                     **{f"delta {d}": round(r["student"][d] - base[d], 4) for d in DATASETS}})
-    usage = runs["both (hybrid)"]["teacher_usage"]
-    result = {"spec": dataclasses.asdict(spec), "steps": steps, "setup": setup, "rows": rows, "runs": runs,
-              "mathy_usage": usage["mathy"], "device": "cpu", "torch_threads": 1,
-              "claim": {"mathy_improves_arithmetic": runs["both (hybrid)"]["student"][ARITH] < base[ARITH],
-                        "arith_delta": round(runs["both (hybrid)"]["student"][ARITH] - base[ARITH], 4),
-                        "code_delta": round(runs["both (hybrid)"]["student"][CODE] - base[CODE], 4)},
+    for label, rs in runs.items():
+        row = {"variant": label, "seeds": [r["seed"] for r in rs]}
+        for d in DATASETS:
+            # paired by seed with the primary-alone run: same data order and initialisation
+            base = {r["seed"]: r["student"][d] for r in runs["primary alone"]}
+            deltas = [r["student"][d] - base[r["seed"]] for r in rs]
+            row[d] = round(statistics.mean(r["student"][d] for r in rs), 4)
+            row[f"delta {d}"] = round(statistics.mean(deltas), 4)
+            row[f"delta_sd {d}"] = round(statistics.stdev(deltas), 4) if len(deltas) > 1 else None
+        rows.append(row)
+    usage = runs["both (hybrid)"][0]["teacher_usage"]
+    both_row = next(r for r in rows if r["variant"] == "both (hybrid)")
+    result = {"spec": dataclasses.asdict(spec), "steps": steps, "seeds": list(seeds), "setup": setup, "rows": rows,
+              "runs": runs, "mathy_usage": usage["mathy"], "device": "cpu", "torch_threads": 1,
+              "claim": {"mathy_improves_arithmetic": both_row[f"delta {ARITH}"] < 0,
+                        "arith_delta": both_row[f"delta {ARITH}"], "arith_delta_sd": both_row[f"delta_sd {ARITH}"],
+                        "code_delta": both_row[f"delta {CODE}"], "code_delta_sd": both_row[f"delta_sd {CODE}"]},
               "wall_s": round(time.perf_counter() - t_start, 1)}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "xtok.json").write_text(json.dumps(result, indent=1))
@@ -223,12 +239,17 @@ def main() -> None:
 
 def render(r: dict) -> str:
     q = r["setup"]["heldout_loss_per_char"]
+    def delta(row, d):
+        sd = row[f"delta_sd {d}"]
+        return f"{row['delta ' + d]:+.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+
     lines = [f"Student held-out loss (nats per student token), {r['steps']} distill steps each, CPU, "
-             f"k={r['spec']['top_k']}, seq_len={r['spec']['seq_len']}:", "",
-             f"| variant | {CODE} | {ARITH} | Δ {CODE} | Δ {ARITH} |", "|---|---|---|---|---|"]
+             f"k={r['spec']['top_k']}, seq_len={r['spec']['seq_len']}; Δ vs the primary alone, paired by seed "
+             f"(mean ± sd over the seeds listed):", "",
+             f"| variant | seeds | {CODE} | {ARITH} | Δ {CODE} | Δ {ARITH} |", "|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        lines.append(f"| {row['variant']} | {row[CODE]:.4f} | {row[ARITH]:.4f} | {row['delta ' + CODE]:+.4f} | "
-                     f"{row['delta ' + ARITH]:+.4f} |")
+        lines.append(f"| {row['variant']} | {len(row['seeds'])} | {row[CODE]:.4f} | {row[ARITH]:.4f} | "
+                     f"{delta(row, CODE)} | {delta(row, ARITH)} |")
     lines += ["", "Teachers' held-out loss (nats per character, own tokenizer):", "",
               f"| teacher | {CODE} | {ARITH} |", "|---|---|---|"]
     for t, v in q.items():

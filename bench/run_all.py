@@ -45,6 +45,8 @@ def _args(quick: bool) -> dict[str, tuple[list[str], str, str]]:
                "KD vs cross-entropy"),
         "sli": (["bench_sli.py", "--json", str(OUT / "bench_sli.json")], "bench_sli.json",
                 "SLI vs full load"),
+        "xtok": (["bench_xtok.py", *(["--quick"] if q else [])], "xtok.json",
+                 "Two teachers with different tokenizers"),
     }
 
 
@@ -109,7 +111,14 @@ def _sli(r):
         f"full {r['full']['rss_above_base'] / 2**20:.0f} MiB.")
 
 
-TABLES = {"replay": _replay, "queue": _queue, "resume": _resume, "extract": _extract, "kd": _kd, "sli": _sli}
+def _xtok(r):
+    from bench_xtok import render
+
+    return render(r)
+
+
+TABLES = {"replay": _replay, "queue": _queue, "resume": _resume, "extract": _extract, "kd": _kd, "sli": _sli,
+          "xtok": _xtok}
 
 
 # Running and writing ---------------------------------------------------------------------
@@ -215,7 +224,10 @@ def main() -> int:
         print(f"[run_all] {name}: rc={r['rc']} in {r['seconds']} s", file=sys.stderr, flush=True)
         sections[name] = section(title + (" (--quick)" if a.quick else ""), r)
     write_sections(Path(a.output), sections, names)
-    (OUT / "run_all.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    # beside the default BENCHMARKS.md: bench/out/run_all.json; beside any other output: <output>.json
+    out = Path(a.output)
+    summary = OUT / "run_all.json" if out.resolve() == (ROOT / "BENCHMARKS.md").resolve() else out.with_suffix(".json")
+    summary.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"wrote {a.output}")
     return 0 if all(r["rc"] == 0 for r in results.values() if r["rc"] != "skipped") else 1
 

@@ -38,7 +38,7 @@ def _training_rows(paths: Paths, plan: DistillPlan) -> tuple[torch.Tensor, torch
 
 def run_ce_baseline(cfg: Settings, plan: DistillPlan, paths: Paths, steps: int) -> dict:
     from nexus_core.demo import train_causal_lm
-    from transformers import AutoTokenizer
+    from nexus_core.teacher import tokenizer_from
 
     t0 = time.monotonic()
     model, info = build_student(cfg, plan, paths, "cpu")
@@ -46,7 +46,7 @@ def run_ce_baseline(cfg: Settings, plan: DistillPlan, paths: Paths, steps: int) 
     batch = cfg.distill.batch_size * max(1, cfg.distill.grad_accum)
     train_causal_lm(model, ids, mask, steps=steps, lr=cfg.distill.lr, batch_size=batch, seed=cfg.run.seed,
                     weight_decay=cfg.distill.weight_decay, grad_clip=cfg.distill.grad_clip)
-    tok = AutoTokenizer.from_pretrained(plan.primary_teacher.path)
+    tok = tokenizer_from(plan.primary_teacher.path, plan.primary_teacher.trust_remote_code)
     vocab = model.get_output_embeddings().weight.shape[0]
     out = {"steps": steps, "batch_size": batch, "student": info, "datasets": {}}
     for d in plan.datasets:

@@ -64,9 +64,9 @@ def _same_tokenizer(paths: Paths, plan: DistillPlan, teacher, primary_tok) -> bo
     fp_p = (read_profile(paths, plan.primary) or {}).get("tokenizer_fp")
     if fp_t and fp_p:
         return fp_t == fp_p
-    from transformers import AutoTokenizer
+    from nexus_core.teacher import tokenizer_from
 
-    return AutoTokenizer.from_pretrained(teacher.path).get_vocab() == primary_tok.get_vocab()
+    return tokenizer_from(teacher.path, teacher.trust_remote_code).get_vocab() == primary_tok.get_vocab()
 
 
 def _teacher_logits_fn(paths: Paths, teacher, device: str):

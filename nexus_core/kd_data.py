@@ -249,14 +249,14 @@ class _CrossTokenizer:
         self._maps: dict[str, tuple[torch.Tensor, dict]] = {}
 
     def _id_map(self, teacher_id: str) -> tuple[torch.Tensor, dict]:
-        from transformers import AutoTokenizer
+        from nexus_core.teacher import tokenizer_from
 
         if teacher_id not in self._maps:
             if self._student_tok is None:
                 p = self.plan.primary_teacher
-                self._student_tok = AutoTokenizer.from_pretrained(p.path, trust_remote_code=p.trust_remote_code)
+                self._student_tok = tokenizer_from(p.path, p.trust_remote_code)
             t = next(t for t in self.plan.teachers if t.teacher_id == teacher_id)
-            tok = AutoTokenizer.from_pretrained(t.path, trust_remote_code=t.trust_remote_code)
+            tok = tokenizer_from(t.path, t.trust_remote_code)
             self._maps[teacher_id] = align.vocab_map(tok, self._student_tok)
         return self._maps[teacher_id]
 

@@ -19,7 +19,8 @@ from nexus_core.state import replay
 
 STAGES = ("profile", "extract", "distill", "router")
 _ENDS = ("StageCompleted", "StageFailed", "StagePaused")
-# Where a CE-only baseline may be recorded (distill does not train one; a benchmark may).
+# Where a CE-only baseline may be recorded: results/baseline.json (the demo's plain fine-tune,
+# nexus_core.baseline), else these keys of eval.json.
 _CE_KEYS = ("ce_baseline", "baseline_ce", "ce")
 
 
@@ -86,7 +87,10 @@ def _temperatures(events) -> list[dict]:
     return out
 
 
-def _ce_baseline(ev: dict, domain: str) -> float | None:
+def _ce_baseline(ev: dict, base: dict | None, domain: str) -> float | None:
+    v = ((base or {}).get("datasets") or {}).get(domain)
+    if isinstance(v, dict) and isinstance(v.get("loss"), (int, float)):
+        return float(v["loss"])
     per = (ev.get("datasets") or {}).get(domain) or {}
     for key in _CE_KEYS:
         v = per.get(key)
@@ -99,14 +103,17 @@ def _ce_baseline(ev: dict, domain: str) -> float | None:
     return None
 
 
-def _domains(ev: dict | None) -> dict:
+def _domains(ev: dict | None, base: dict | None) -> dict:
     out = {}
     for d, m in ((ev or {}).get("datasets") or {}).items():
         student = (m.get("student") or {})
-        out[d] = {"student": student.get("loss"), "student_perplexity": student.get("perplexity"),
-                  "tokens": student.get("tokens"),
-                  "teachers": {t: v.get("loss") for t, v in (m.get("teachers") or {}).items()},
-                  "ce_baseline": _ce_baseline(ev, d)}
+        teachers = {t: v.get("loss") for t, v in (m.get("teachers") or {}).items()}
+        ce, kd = _ce_baseline(ev, base, d), student.get("loss")
+        best = min((x for x in teachers.values() if isinstance(x, (int, float))), default=None)
+        # share of the CE-baseline -> best-teacher gap that distillation closed
+        gap = (ce - kd) / (ce - best) if None not in (ce, kd, best) and ce - best > 1e-9 else None
+        out[d] = {"student": kd, "student_perplexity": student.get("perplexity"), "tokens": student.get("tokens"),
+                  "teachers": teachers, "ce_baseline": ce, "kd_gap_closed": None if gap is None else round(gap, 4)}
     return out
 
 
@@ -147,9 +154,16 @@ def collect(paths: Paths) -> dict:
     teachers, importance = _teachers(paths, state, missing)
     ev = _read_json(paths.results / "eval.json", missing, "held-out evaluation (distill)")
     router = _read_json(paths.router_dir / "router.json", missing, "router")
-    domains = _domains(ev)
+    base_path = paths.results / "baseline.json"
+    base = _read_json(base_path, [], "CE baseline") if base_path.exists() else None
+    if base and ev and base.get("steps") != ev.get("steps"):
+        missing.append(f"CE baseline: {base_path} was trained for {base.get('steps')} steps, the student for "
+                       f"{ev.get('steps')}: left out as stale (the demo retrains it)")
+        base = None
+    domains = _domains(ev, base)
     if domains and all(v["ce_baseline"] is None for v in domains.values()):
-        missing.append("CE baseline: no cross-entropy-only student was trained in this run (see bench/bench_kd.py)")
+        missing.append("CE baseline: no plain fine-tune (cross-entropy only) student in results/baseline.json "
+                       "(`nexus run --demo` trains one; bench/bench_kd.py measures one)")
     datasets = sorted({*domains, *(s.dataset for s in state.stages.values() if s.dataset),
                        *((router or {}).get("labels") or [])})
     done = all(any(j["stage"] == s and j["status"] == "done" for j in jobs) for s in STAGES)
@@ -239,6 +253,10 @@ def _f(v, nd=4) -> str:
     return f"{v:.{nd}f}" if isinstance(v, (int, float)) else "–"
 
 
+def _pct(v) -> str:
+    return f"{v:.0%}" if isinstance(v, (int, float)) else "–"
+
+
 def _img(plots: dict, key: str, alt: str) -> list[str]:
     return [f"![{alt}]({plots[key]})", ""] if key in plots else []
 
@@ -256,15 +274,19 @@ def render(data: dict, plots: dict, plot_error: str | None = None) -> str:
     if data["domains"]:
         tids = sorted({t for m in data["domains"].values() for t in m["teachers"]})
         has_ce = any(m["ce_baseline"] is not None for m in data["domains"].values())
-        head = ["domain", *[f"teacher {t}" for t in tids], "KD student", *(["CE baseline"] if has_ce else []), "tokens"]
+        head = ["domain", *[f"teacher {t}" for t in tids], "KD student",
+                *(["CE baseline", "KD gap closed"] if has_ce else []), "tokens"]
         L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for d, m in sorted(data["domains"].items()):
             row = [d, *[_f(m["teachers"].get(t)) for t in tids], _f(m["student"]),
-                   *([_f(m["ce_baseline"])] if has_ce else []), str(m["tokens"] or "–")]
+                   *([_f(m["ce_baseline"]), _pct(m.get("kd_gap_closed"))] if has_ce else []), str(m["tokens"] or "–")]
             L.append("| " + " | ".join(row) + " |")
         L += ["", "Mean next-token cross-entropy (nats/token) on each dataset's held-out split, which extraction "
-                  "and distillation never saw." + ("" if has_ce else " No CE-only baseline was trained in this run, "
-                                                   "so that bar is omitted (bench/bench_kd.py measures one)."), ""]
+                  "and distillation never saw." + (" CE baseline: the same student trained for the same steps on the "
+                                                   "same rows with cross-entropy alone; KD gap closed = (CE - KD) / "
+                                                   "(CE - best teacher)." if has_ce else
+                                                   " No CE-only baseline was trained in this run, so that bar is "
+                                                   "omitted (`nexus run --demo` trains one)."), ""]
         L += _img(plots, "domains", "held-out loss per domain")
     else:
         L += ["No held-out evaluation yet (results/eval.json is written by the distill stage).", ""]

@@ -89,11 +89,33 @@ def load_config(teacher: Teacher):
         raise TeacherLoadError(_explain(teacher, "config.json", exc)) from None
 
 
-def load_tokenizer(teacher: Teacher):
-    from transformers import AutoTokenizer
+def tokenizer_from(path, trust_remote_code: bool = False):
+    """The tokenizer a model folder saved, exactly.
 
+    transformers 5 maps some model types to their own tokenizer class (qwen2 -> Qwen2Tokenizer)
+    and rebuilds the pre-tokenizer, ignoring a saved generic tokenizer.json: the teacher would
+    then be fed other ids than it was trained on. A folder whose tokenizer_config names the
+    generic class is therefore loaded as exactly that file.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file, tok_file = Path(path) / "tokenizer_config.json", Path(path) / "tokenizer.json"
+    if tok_file.exists() and cfg_file.exists():
+        try:
+            declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        except ValueError:
+            declared = None
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(teacher: Teacher):
     try:
-        return AutoTokenizer.from_pretrained(teacher.path, trust_remote_code=teacher.trust_remote_code)
+        return tokenizer_from(teacher.path, teacher.trust_remote_code)
     except Exception as exc:
         raise TeacherLoadError(_explain(teacher, "tokenizer", exc)) from None
 

@@ -91,10 +91,26 @@ def test_report_builds_when_the_router_never_ran(workdir):
     assert [(p["step"], p["loss"]) for p in rep["loss_curve"]] == [(1, 3.0), (2, 2.4), (3, 2.0)]
     assert rep["skipped"] == {"oom_recoveries": 1, "sequences_skipped_on_oom": 1, "distill_skipped_sequences": 1}
     assert rep["domains"]["reasoning/arith"] == {"student": 2.1, "student_perplexity": 8.2, "tokens": 10,
-                                                 "teachers": {"t1": 1.9}, "ce_baseline": 2.3}
+                                                 "teachers": {"t1": 1.9}, "ce_baseline": 2.3, "kd_gap_closed": 0.5}
+    assert "| 2.3000 | 50% |" in text
     assert [p["temp_c"] for p in rep["temperature"]] == [86.0, 70.0]
     for name in ("loss", "domains", "layers", "temperature"):
         assert _valid_png(paths.results / rep["plots"][name])
+
+
+def test_report_takes_the_ce_baseline_from_baseline_json_unless_stale(workdir):
+    paths = workdir
+    _synthetic_run_without_router(paths)
+    write_json(paths.results / "baseline.json", {"steps": 3, "datasets": {"reasoning/arith": {"loss": 2.5}}})
+    build_report(paths)
+    rep = json.loads((paths.results / "report.json").read_text())
+    assert rep["domains"]["reasoning/arith"]["ce_baseline"] == 2.5
+    assert rep["domains"]["reasoning/arith"]["kd_gap_closed"] == round(0.4 / 0.6, 4)
+    write_json(paths.results / "baseline.json", {"steps": 99, "datasets": {"reasoning/arith": {"loss": 2.5}}})
+    build_report(paths)
+    rep = json.loads((paths.results / "report.json").read_text())
+    assert rep["domains"]["reasoning/arith"]["ce_baseline"] == 2.3  # eval.json's own key, the stale file ignored
+    assert any("stale" in m for m in rep["missing"])
 
 
 def test_report_on_an_empty_workdir_says_what_is_missing(workdir):

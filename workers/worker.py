@@ -7,6 +7,7 @@ At start it recovers jobs left `started` by a worker that died (kill -9, power l
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 import structlog
@@ -33,7 +34,8 @@ class NexusWorker(SimpleWorker):
 
     def _touch_alive(self) -> None:
         try:
-            self.connection.set(keys.ALIVE_KEY.format(self.name), os.getpid(), ex=keys.ALIVE_TTL_S)
+            self.connection.set(keys.ALIVE_KEY.format(self.name), f"{socket.gethostname()}:{os.getpid()}",
+                                ex=keys.ALIVE_TTL_S)
             if self.gpu_index is not None:
                 self.connection.set(keys.GPU_CLAIM_KEY.format(self.gpu_index), self.name, ex=keys.ALIVE_TTL_S)
         except Exception:
@@ -76,7 +78,22 @@ class NexusWorker(SimpleWorker):
 
 
 def _alive(conn, worker_name: str | None) -> bool:
-    return bool(worker_name) and bool(conn.exists(keys.ALIVE_KEY.format(worker_name)))
+    """Its liveness key is fresh and, when it ran on this host, its process still exists
+    (a kill -9 here is seen at once; on another machine, after ALIVE_TTL_S)."""
+    if not worker_name:
+        return False
+    raw = conn.get(keys.ALIVE_KEY.format(worker_name))
+    if raw is None:
+        return False
+    host, _, pid = raw.decode(errors="replace").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+    return True
 
 
 def recover_orphans(conn, events: EventLog, me: str | None = None) -> list[str]:

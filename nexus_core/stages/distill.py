@@ -124,12 +124,12 @@ def _projections(plan, paths, model, hidden_layers) -> torch.nn.ModuleDict:
 
 
 def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContext = StageContext()) -> StageResult:
-    from transformers import AutoTokenizer
+    from nexus_core.teacher import tokenizer_from
 
     d, device = cfg.distill, cfg.resolved_device()
     torch.manual_seed(cfg.run.seed)
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(plan.primary_teacher.path)
+    tokenizer = tokenizer_from(plan.primary_teacher.path, plan.primary_teacher.trust_remote_code)
 
     # 1. Data: every shard checked against the plan first, then read lazily in a seeded order.
     streams, shard_info = open_streams(cfg, plan, paths)

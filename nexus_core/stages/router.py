@@ -70,12 +70,14 @@ def _best_teachers(paths: Paths, plan: DistillPlan) -> dict[str, str]:
 
 
 def _load_student(paths: Paths, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from nexus_core.teacher import tokenizer_from
 
     if not (paths.release / "config.json").exists():
         raise CorruptArtifactError(f"{paths.release}: no released student; run the distill stage first")
     model = AutoModelForCausalLM.from_pretrained(paths.release, dtype=torch.float32).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(paths.release)
+    tok = tokenizer_from(paths.release)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     return model, tok, pad
 
