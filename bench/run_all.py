@@ -41,7 +41,7 @@ def _args(quick: bool) -> dict[str, tuple[list[str], str, str]]:
         "extract": (["bench_extract.py", *(["--vocab", "2048", "--hidden", "64", "--layers", "2", "--sequences", "8",
                                             "--seq-len", "64", "--batch-size", "4"] if q else [])],
                     "bench_extract.json", "Extraction: storage and throughput"),
-        "kd": (["bench_kd.py", *(["--steps", "10", "--teacher-steps", "20"] if q else [])], "bench_kd.json",
+        "kd": (["bench_kd.py", *(["--quick"] if q else [])], "bench_kd.json",
                "KD vs cross-entropy"),
         "sli": (["bench_sli.py", "--json", str(OUT / "bench_sli.json")], "bench_sli.json",
                 "SLI vs full load"),

@@ -258,6 +258,16 @@ def _from_env(environ) -> dict[str, dict]:
     return out
 
 
+def _flag_type(typ):
+    def convert(text):
+        try:
+            return _convert(text, typ, "flag")
+        except ConfigError:  # argparse then exits 2 with "argument --x: invalid value"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {typ.__name__}") from None
+
+    return convert
+
+
 def add_cli_flags(parser: argparse.ArgumentParser) -> None:
     """Add one flag per setting (`--section-key`, or the short name DESIGN.md gives)."""
     for section, cls in _sections().items():
@@ -269,7 +279,7 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
                           help=f"{f.metadata['help']} (default: {f.default!r})")
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
-            kwargs["type"] = (lambda t: (lambda s: _convert(s, t, "flag")))(types[f.name])
+            kwargs["type"] = _flag_type(types[f.name])
             group.add_argument(flag, **kwargs)
 
 

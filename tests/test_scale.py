@@ -76,7 +76,9 @@ def test_a_dead_workers_job_is_adopted_after_the_timeout(workdir, tiny_teacher_d
     events = read_events(workdir.log)
     requeued = [e for e in of_type(events, "StageQueued", "distill") if "orphaned" in e.data.get("reason", "")]
     assert len(requeued) == 1
-    assert adopted_after >= keys.ALIVE_TTL_S * 0.5  # only after the worker fell silent
+    # adopted by the live worker's next maintenance (a dead pid on this host is seen at once;
+    # a silent worker elsewhere after ALIVE_TTL_S)
+    assert adopted_after <= keys.ALIVE_TTL_S * 3
     restarted = of_type(events, "StageStarted", "distill")[1]
     assert restarted.data["resume_step"] >= 2
 
