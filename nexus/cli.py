@@ -50,10 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# The demo distils from a small slice of its data for many steps: the data-limited regime
+# where a teacher's soft targets matter (a plain fine-tune overfits). Any flag, variable or
+# nexus.toml key still wins over these.
+DEMO_DEFAULTS = {"extract": {"max_samples": 256}, "distill": {"max_steps": 400, "epochs": 1000}}
+
+
 def cmd_run(args, paths: Paths) -> int:
     from nexus.run import run_pipeline
 
-    cfg = load_settings(paths.home, args)
+    cfg = load_settings(paths.home, args, defaults=DEMO_DEFAULTS if args.demo else None)
     if args.reset:
         reset_workdir(paths)
     if args.demo:

@@ -295,12 +295,14 @@ def _from_args(args: argparse.Namespace | None) -> dict[str, dict]:
 
 
 def load_settings(home: Path | None = None, args: argparse.Namespace | None = None,
-                  environ=None, **overrides: dict) -> Settings:
-    """Resolve settings: defaults < home/nexus.toml < NEXUS_* env < CLI args < overrides."""
+                  environ=None, defaults: dict | None = None, **overrides: dict) -> Settings:
+    """Resolve settings: built-ins < `defaults` (e.g. the demo's) < home/nexus.toml < NEXUS_* env
+    < CLI args < overrides."""
     from nexus_core.paths import nexus_home
 
     home = Path(home) if home else nexus_home()
     values: dict[str, dict] = {}
+    _apply(values, {k: dict(v) for k, v in (defaults or {}).items()})
     _apply(values, _from_toml(home / "nexus.toml"))
     _apply(values, _from_env(os.environ if environ is None else environ))
     _apply(values, _from_args(args))

@@ -58,9 +58,9 @@ class DemoSpec:
     teachers: tuple[TeacherSpec, ...] = (
         # Different strengths: the llama teacher sees mostly code, the qwen2 one mostly arithmetic.
         TeacherSpec("demo-llama", "llama", hidden=192, layers=4, heads=6, kv_heads=2, intermediate=512,
-                    steps=220, lr=3e-3, batch_size=16, code_share=0.75, seed=11, primary=True),
+                    steps=500, lr=3e-3, batch_size=16, code_share=0.75, seed=11, primary=True),
         TeacherSpec("demo-qwen2", "qwen2", hidden=160, layers=5, heads=5, kv_heads=1, intermediate=448,
-                    steps=220, lr=3e-3, batch_size=16, code_share=0.35, seed=22, sli="always"),
+                    steps=500, lr=3e-3, batch_size=16, code_share=0.35, seed=22, sli="always"),
     )
 
     @classmethod

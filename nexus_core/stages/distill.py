@@ -21,7 +21,7 @@ from nexus_core import checkpoint as ckpt
 from nexus_core import kd_loss
 from nexus_core.atomic import write_json
 from nexus_core.config import Settings
-from nexus_core.errors import PlanMismatchError, StageInterrupted
+from nexus_core.errors import StageInterrupted
 from nexus_core.evaluate import evaluate
 from nexus_core.kd_data import MicroBatch, ShardLoader, open_streams, read_profile
 from nexus_core.paths import Paths
@@ -86,14 +86,19 @@ class _HiddenTap:
 
 def _setup(cfg, plan, paths, device, ctx):
     """Student, optimiser, schedule and position: resumed, warm-started or fresh."""
-    latest = ckpt.latest_path(paths)
     prev = ckpt.load_latest_good(paths)  # a truncated/corrupt checkpoint is never loaded
     plan_fp, chash = plan.fingerprint(), config_hash(cfg)
     resume = prev is not None and prev[ckpt.PLAN_FP] == plan_fp
     if resume and prev[ckpt.CONFIG_HASH] != chash:
-        raise PlanMismatchError(
-            f"checkpoint {latest} was made with other distill settings (config hash {prev[ckpt.CONFIG_HASH]}, now "
-            f"{chash}); restore the settings to resume, or delete {paths.checkpoints} to start this distill afresh")
+        # Other distill settings for the same plan: a new run from scratch (the same inputs must
+        # give the same weights); the old checkpoints are kept aside, never deleted.
+        aside = paths.checkpoints / f"superseded-{prev[ckpt.CONFIG_HASH]}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for f in paths.checkpoints.glob("*.pt"):
+            f.replace(aside / f.name)
+        log.warning("distill.settings_changed", old=prev[ckpt.CONFIG_HASH], new=chash, kept=str(aside))
+        ctx.note("StageProgress", settings_changed=True, previous_checkpoints=str(aside.relative_to(paths.home)))
+        prev, resume = None, False
     if prev is not None:  # on resume and warm start the architecture comes from the checkpoint
         s_config = config_from_json(prev[ckpt.STUDENT_CONFIG])
         model = model_from_config(s_config)
