@@ -87,5 +87,8 @@ def test_injected_oom_is_split_skipped_and_recorded(demo_workdir, redis_conn, re
     events = read_events(paths.log)
     recovered = of_type(events, "OOMRecovered")
     assert {e.stage for e in recovered} == {"extract", "distill"}
-    assert all(e.data.get("skipped") for e in recovered)
+    # extraction's hook fails every attempt holding the batch's first row: split, then skipped;
+    # distillation's fails once: the halves then fit and nothing is lost
+    assert all(e.data["skipped"] for e in recovered if e.stage == "extract")
+    assert all(e.data["skipped"] == 0 for e in recovered if e.stage == "distill")
     assert of_type(events, "StageCompleted", "router")
