@@ -110,7 +110,7 @@ def _stage_started(state, e):
 
 
 def _stage_progress(state, e):
-    _stage(state, e).progress = dict(e.data)
+    _stage(state, e).progress = e.data  # events are immutable facts: no copy needed
 
 
 def _stage_completed(state, e):
