@@ -17,6 +17,7 @@ from pathlib import Path
 import structlog
 
 from nexus_core.config import Settings
+from nexus_core.atomic import sweep_stale_temps
 from nexus_core.errors import NexusError, WorkdirLockedError
 from nexus_core.events import EventLog, read_events
 from nexus_core.keys import StageStatus
@@ -27,7 +28,7 @@ from producer.enqueue import queue_for
 from producer.sync import sync_once
 from producer.watch import start_observer
 from workers.context import Flags, install_process_handlers
-from workers.worker import run_worker
+from workers.worker import any_live_worker, run_worker
 
 log = structlog.get_logger("nexus.run")
 MAX_ROUNDS = 50
@@ -100,6 +101,9 @@ def run_pipeline(paths: Paths, cfg: Settings, console=None) -> int:
         url, server = resolve_url(paths)
         conn = connect(url)
         events = EventLog(paths.log, redis=conn)
+        if not any_live_worker(conn):  # nobody else writes here: half-written temps are litter
+            for p in sweep_stale_temps((paths.memory, paths.checkpoints, paths.results, paths.release)):
+                log.info("removed a temp file left by a killed writer", path=str(p))
         print(f"nexus run: pid {os.getpid()} (kill -USR1 {os.getpid()} checkpoints and pauses, "
               f"-USR2 checkpoints and carries on); Redis at {url}", file=sys.stderr, flush=True)
         run_seq = events.append("RunStarted", data={"pid": os.getpid(), "redis": url.split("@")[-1],

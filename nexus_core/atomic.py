@@ -78,3 +78,19 @@ def artifact_record(path: Path, home: Path) -> dict:
         "size": path.stat().st_size,
         "sha256": sha256_file(path),
     }
+
+
+def sweep_stale_temps(folders) -> list[Path]:
+    """Remove temp files atomic_path left behind when its process was killed (kill -9, power
+    loss). Call only when no other writer can be running (e.g. under `nexus run`'s lock with
+    no live worker): a live writer's temp file looks the same."""
+    removed = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.exists():
+            continue
+        for p in folder.rglob(".*.tmp"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed

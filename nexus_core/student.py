@@ -29,15 +29,6 @@ TRAIN_BYTES_PER_PARAM = 16  # fp32 weights + grads + AdamW's two moments
 ACTIVATION_MARGIN = 1.25
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder's list of layers (model.model.layers, gpt_neox.layers, ...)."""
-    n = model.config.get_text_config().num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise BadInputError(f"{type(model).__name__}: no list of {n} decoder layers found; this architecture is not supported")
-
-
 def memory_budget(cfg: Settings, device: str) -> int:
     if cfg.memory.budget:
         return parse_bytes(cfg.memory.budget)

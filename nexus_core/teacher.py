@@ -149,7 +149,7 @@ def _explain(teacher: Teacher, what: str, exc: Exception) -> str:
 
 # --- full-load runner -----------------------------------------------------------------------
 
-def _decoder_layers(model) -> torch.nn.ModuleList:
+def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder's layer list (model.model.layers, gpt_neox.layers, transformer.h, ...)."""
     n = model.config.get_text_config().num_hidden_layers
     for module in model.modules():
@@ -185,7 +185,7 @@ class FullRunner:
         self.model = model.to(device).eval()
         self.device = device
         self.base = getattr(model, model.base_model_prefix)
-        self.layers = _decoder_layers(model)
+        self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.head = model.get_output_embeddings()
         self.head_vocab = int(self.head.weight.shape[0])

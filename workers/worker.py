@@ -96,6 +96,10 @@ def _alive(conn, worker_name: str | None) -> bool:
     return True
 
 
+def any_live_worker(conn) -> bool:
+    return any(_alive(conn, w.name) for w in Worker.all(connection=conn))
+
+
 def recover_orphans(conn, events: EventLog, me: str | None = None) -> list[str]:
     """Re-enqueue jobs left `started` by a dead worker; their stages resume from partial outputs."""
     queue = Queue(keys.QUEUE, connection=conn)

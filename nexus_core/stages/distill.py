@@ -28,8 +28,8 @@ from nexus_core.paths import Paths
 from nexus_core.plan import DistillPlan
 from nexus_core.release import write_release
 from nexus_core.stages.context import Control, StageContext, StageResult
-from nexus_core.student import (build_student, config_from_json, decoder_layers, model_from_config,
-                                student_layer_for)
+from nexus_core.student import build_student, config_from_json, model_from_config, student_layer_for
+from nexus_core.teacher import decoder_layers
 
 log = structlog.get_logger("nexus.distill")
 _REASON = {Control.CHECKPOINT: "sigusr2", Control.PAUSE: "pause", Control.STOP_USR1: "sigusr1",
