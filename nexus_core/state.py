@@ -123,8 +123,8 @@ def _stage_completed(state, e):
 
 def _stage_skipped(state, e):
     st = _stage(state, e)
-    if st.status != StageStatus.DONE:
-        st.status = StageStatus.SKIPPED
+    # skipped because an earlier completion's artefacts are intact: done, as it was
+    st.status = StageStatus.DONE if st.artifacts else StageStatus.SKIPPED
     st.finished_ts = e.ts
 
 
@@ -210,9 +210,14 @@ _VERIFIED: dict[tuple, bool] = {}  # (path, size, mtime_ns, sha256) -> matched: 
 
 def artifacts_intact(stage: StageState, home: Path) -> bool:
     """A done stage counts only while every artefact still has its recorded size and sha256."""
-    if stage.status != StageStatus.DONE or not stage.artifacts:
+    return stage.status == StageStatus.DONE and files_intact(stage.artifacts, home)
+
+
+def files_intact(artifacts: list, home: Path) -> bool:
+    """Every recorded artefact ({path, size, sha256}) is on disk unchanged; False when none."""
+    if not artifacts:
         return False
-    for a in stage.artifacts:
+    for a in artifacts:
         p = Path(home) / a["path"]
         try:
             st = p.stat()

@@ -116,3 +116,18 @@ def test_old_event_versions_are_upgraded_on_read(tmp_path):
     (event,) = read_events(path)
     assert event.v == 1
     assert path.read_text().count('"v"') == 0  # the log itself is never rewritten
+
+
+def test_a_completed_stage_requeued_as_an_orphan_and_skipped_is_done_again(tmp_path):
+    """A worker killed between recording StageCompleted and telling RQ: the job is requeued,
+    the rerun skips it (artefacts intact), and the fold says done, not queued or skipped."""
+    log = EventLog(tmp_path / "log.jsonl")
+    art = [{"path": "results/router_weights/router.json", "size": 2, "sha256": "0" * 64}]
+    log.append("StageQueued", stage="router", job_id="router-abc", data={})
+    log.append("StageStarted", stage="router", job_id="router-abc")
+    log.append("StageCompleted", stage="router", job_id="router-abc", data={"artifacts": art})
+    log.append("StageQueued", stage="router", job_id="router-abc", data={"reason": "orphaned"})
+    assert replay(log.read()).stages["router-abc"].status == StageStatus.QUEUED
+    log.append("StageSkipped", stage="router", job_id="router-abc", data={"reason": "intact"})
+    st = replay(log.read()).stages["router-abc"]
+    assert st.status == StageStatus.DONE and st.artifacts == art

@@ -19,7 +19,7 @@ from nexus_core.events import EventLog, read_events
 from nexus_core.paths import Paths
 from nexus_core.plan import DistillPlan
 from nexus_core.registry import Teacher
-from nexus_core.state import artifacts_intact, replay
+from nexus_core.state import files_intact, replay
 from workers.context import Flags, WorkerContext, signal_handlers
 
 log = structlog.get_logger("nexus.worker")
@@ -96,9 +96,10 @@ def run_stage(payload: dict) -> dict:
     structlog.contextvars.bind_contextvars(job_id=job_id, stage=stage, teacher=teacher_id, dataset=payload.get("dataset"))
     bound = log
 
-    # 1. already done with intact artefacts (e.g. the queue was rebuilt): record the skip
+    # 1. completed before with intact artefacts (the queue was rebuilt, or its worker died
+    #    between recording the completion and telling RQ): record the skip, redo nothing
     record = replay(read_events(paths.log)).stages.get(job_id)
-    if record is not None and artifacts_intact(record, paths.home):
+    if record is not None and files_intact(record.artifacts, paths.home):
         events.append("StageSkipped", teacher_id=teacher_id, stage=stage, job_id=job_id,
                       data={"reason": "completed earlier with intact artefacts"})
         return {"skipped": True}
