@@ -12,13 +12,12 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import structlog
 
 from nexus_core.config import Settings
 from nexus_core.atomic import sweep_stale_temps
-from nexus_core.errors import NexusError, WorkdirLockedError
+from nexus_core.errors import WorkdirLockedError
 from nexus_core.events import EventLog, read_events
 from nexus_core.keys import StageStatus
 from nexus_core.paths import Paths, check_lockable

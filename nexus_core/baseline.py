@@ -6,7 +6,6 @@ Writes results/baseline.json: {"steps", "batch_size", "datasets": {d: {"loss", "
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -57,7 +56,3 @@ def run_ce_baseline(cfg: Settings, plan: DistillPlan, paths: Paths, steps: int) 
     atomic.write_json(paths.results / "baseline.json", out)
     return out
 
-
-def read_baseline(paths: Paths) -> dict | None:
-    p = paths.results / "baseline.json"
-    return json.loads(p.read_text()) if p.exists() else None

@@ -138,7 +138,7 @@ def parse_teacher(obj, source: str, home: Path) -> Teacher:
                    description=description, weight_files=weight_files)
 
 
-def _source_name(file: Path, home: Path) -> str:
+def source_name(file: Path, home: Path) -> str:
     try:
         return str(file.resolve().relative_to(home.resolve()))
     except ValueError:
@@ -150,7 +150,7 @@ def parse_registry_file(file: Path, home: Path) -> tuple[list[Teacher], list[Reg
 
     Returns (teachers, rejections). A file-level problem is a single rejection with no teachers.
     """
-    source = _source_name(file, home)
+    source = source_name(file, home)
     try:
         size = file.stat().st_size
         if size > MAX_FILE_BYTES:

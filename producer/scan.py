@@ -6,7 +6,6 @@ folder, retries half-written files, and appends what `diff_registry` returns.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 from nexus_core.errors import RegistryError
 from nexus_core.events import EventLog
 from nexus_core.paths import Paths
-from nexus_core.registry import Teacher, parse_registry_file, registry_files
+from nexus_core.registry import Teacher, parse_registry_file, registry_files, source_name
 from nexus_core.state import State
 
 FRESH_WRITE_S = 2.0  # a file modified this recently that does not parse may still be being written
@@ -96,7 +95,7 @@ def scan_registry(paths: Paths, log: EventLog, state: State, wait: bool = True) 
     parsed = {}
     for file in registry_files(paths.registry):
         r = _parse_with_retry(file, paths.home, wait)
-        source = parse_source(file, paths.home)
+        source = source_name(file, paths.home)
         if r is None:
             if file.exists():
                 result.pending.append(file)
@@ -108,14 +107,3 @@ def scan_registry(paths: Paths, log: EventLog, state: State, wait: bool = True) 
     for pe in diff_registry(parsed, state):
         result.events.append(log.append(pe.type, teacher_id=pe.teacher_id, data=pe.data))
     return result
-
-
-def parse_source(file: Path, home: Path) -> str:
-    try:
-        return str(file.resolve().relative_to(home.resolve()))
-    except ValueError:
-        return str(file)
-
-
-def rejection_lines(result: ScanResult) -> list[str]:
-    return [e.data.get("message") or json.dumps(e.data) for e in result.rejected]

@@ -6,7 +6,6 @@ through `poll()`. A second SIGINT/SIGTERM aborts at once (KeyboardInterrupt).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -137,6 +136,3 @@ class WorkerContext(StageContext):
             time.sleep(0.1)
         self._append("StageProgress", resumed=True, paused_s=round(time.monotonic() - t0, 3))
 
-
-def describe(payload: dict) -> str:
-    return json.dumps({k: payload.get(k) for k in ("stage", "dataset")})
