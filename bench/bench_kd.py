@@ -1,6 +1,6 @@
 """KD vs plain cross-entropy at equal steps and data, on the demo's kind of data, through the real stages.
 
-    python bench/bench_kd.py            # full: ~4-6 min on 2 busy CPU cores (first run; the teacher is cached)
+    python bench/bench_kd.py            # full: ~6-8 min on 2 busy CPU cores (first run; the teacher is cached)
     python bench/bench_kd.py --quick    # smoke test, ~30 s
     python bench/bench_kd.py --sweep    # also a table of KD settings (alpha, temperature, lr, steps)
 
@@ -14,6 +14,11 @@ What runs (everything a user's run goes through, only smaller):
 4. run_distill twice from identical starts (the depth-pruned student of nexus_core/student.py,
    same seed, data order, steps and lr schedule): alpha=0 (plain cross-entropy) and the KD setting.
    Held-out loss per domain comes from run_distill's own evaluation (nexus_core/evaluate.py).
+   Repeated for --seeds student seeds (data order; default 3): the arithmetic CE-teacher gap is a few
+   hundredths of a nat, the size of the seed-to-seed spread, so one pair is not a measurement. The
+   headline is the gap closed by the seed-mean losses, with the per-seed figures beside it.
+   Diagnostic: arithmetic's held-out loss split into question lines (random operands, mostly
+   irreducible) and answer lines (echo + result: what a trained teacher knows), to show where the gap is.
 5. Step time: both students step on the same pre-loaded micro-batches, interleaved A/B/B/A, each
    step timed by this process's CPU time and by wall time; medians and min/max are reported.
 
@@ -45,6 +50,7 @@ from nexus_core import data, kd_loss  # noqa: E402
 from nexus_core.config import DistillSettings, load_settings  # noqa: E402
 from nexus_core.demo import eval_causal_lm, train_causal_lm  # noqa: E402
 from nexus_core.demo_data import DataSpec, dataset_texts, ensure_datasets  # noqa: E402
+from nexus_core.evaluate import MAX_HELDOUT_SEQUENCES  # noqa: E402
 from nexus_core.kd_data import ShardLoader, open_streams  # noqa: E402
 from nexus_core.model_factory import build_model, make_config, save_model, train_tokenizer  # noqa: E402
 from nexus_core.paths import Paths  # noqa: E402
@@ -60,6 +66,7 @@ ARITH, CODE = "reasoning/arithmetic", "code/python-stdlib"
 DATASETS = (CODE, ARITH)  # sorted, as DistillPlan keeps them
 TARGET_GAP, TARGET_RATIO = 0.85, 1.10
 MARKER = "bench_marker.json"
+SEEDS = (7, 8, 9, 10, 11)  # run.seed of the students (their data order); the first is the single-seed default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +95,10 @@ QUICK = Spec(arith_rows=600, stdlib_bytes=150_000, stdlib_max_file=6_000, vocab=
              distill_sequences=24)
 
 
-def settings(home: Path, spec: Spec, **distill):
+def settings(home: Path, spec: Spec, seed: int = SEEDS[0], **distill):
     d = {"batch_size": 8, "epochs": 1000, "checkpoint_every": 100_000, "keep_checkpoints": 1}
     d.update(distill)
-    return load_settings(home, environ={}, run={"device": "cpu", "seed": 7},
+    return load_settings(home, environ={}, run={"device": "cpu", "seed": seed},
                          extract={"seq_len": spec.seq_len, "top_k": spec.top_k, "max_samples": spec.distill_sequences,
                                   "shard_size": 64, "batch_size": 16},
                          distill=d, memory={"budget": "8GB"})
@@ -151,8 +158,9 @@ def _build(home: Path, spec: Spec, log) -> dict:
 
 # --- 4: quality through run_distill ------------------------------------------------------------
 
-def distill(home: Path, spec: Spec, plan: DistillPlan, name: str, **knobs) -> dict:
-    """One run_distill from scratch in a run folder that shares the cached shards; per-domain losses."""
+def distill(home: Path, spec: Spec, plan: DistillPlan, name: str, seed: int = SEEDS[0], **knobs) -> dict:
+    """One run_distill from scratch in a run folder that shares the cached shards; per-domain losses,
+    and the arithmetic held-out loss split into question and answer lines (see answer_split)."""
     run = OUT / "kd_runs" / f"{name}-{os.getpid()}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -160,13 +168,45 @@ def distill(home: Path, spec: Spec, plan: DistillPlan, name: str, **knobs) -> di
     for sub in ("memory", "datasets", "results/profiles"):  # read-only inputs shared with the cache
         os.symlink(home / sub, run / sub)
     t0 = time.perf_counter()
-    res = run_distill(settings(run, spec, **knobs), plan, Paths(run))
+    res = run_distill(settings(run, spec, seed, **knobs), plan, Paths(run))
     ev = res.data["eval"]
-    out = {"knobs": knobs, "seconds": round(time.perf_counter() - t0, 1), "kept_layers": res.data["student"]["kept_layers"],
+    out = {"knobs": knobs, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+           "kept_layers": res.data["student"]["kept_layers"],
            "student": {d: ev[d]["student"]["loss"] for d in ev},
-           "teacher": {d: ev[d]["teachers"]["teacher"]["loss"] for d in ev}}
+           "teacher": {d: ev[d]["teachers"]["teacher"]["loss"] for d in ev},
+           "arith_lines": answer_split(home, spec, run / "nexus-release-v1")}
     shutil.rmtree(run, ignore_errors=True)
     return out
+
+
+def answer_split(home: Path, spec: Spec, model_dir: Path) -> dict:
+    """Mean held-out arithmetic loss on question-line and answer-line targets ("What is 37 + 45?" /
+    "37 + 45 = 82" + EOS), same tokens as run_distill's evaluation.
+
+    Why: the question's operands are random, so its tokens are mostly irreducible noise; what a
+    teacher knows about this domain (echo the operands, compute the result) shows in the answer line.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(home / "models" / "teacher"))
+    texts = data.load_texts(Paths(home), data.DatasetRef.parse(ARITH), "")
+    _, held = data.split(texts, settings(home, spec).extract.heldout_fraction)
+    stream, answer = [], []
+    for text in held:  # data.pack's stream, with a flag per token
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        stream += enc["input_ids"] + [tok.eos_token_id]
+        answer += [start > text.index("\n") for start, _ in enc["offset_mapping"]] + [True]
+        if len(stream) >= MAX_HELDOUT_SEQUENCES * spec.seq_len:
+            break
+    ids, mask = data.pack(tok, held, spec.seq_len, MAX_HELDOUT_SEQUENCES)
+    flag = torch.zeros(ids.shape, dtype=torch.bool)
+    flag.view(-1)[: min(len(answer), flag.numel())] = torch.tensor(answer[: flag.numel()])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids.long(), attention_mask=mask.long()).logits[..., :len(tok)].float(), -1)
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:].long().unsqueeze(-1)).squeeze(-1)  # (n, T-1)
+    real = (mask[:, :-1] * mask[:, 1:]).bool()
+    return {name: float(nll[real & (flag[:, 1:] == want)].mean()) for name, want in (("question", False), ("answer", True))}
 
 
 def gap_closed(ce: float, kd: float, teacher: float) -> float | None:
@@ -239,6 +279,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="peak lr of both students (default: DistillSettings')")
     ap.add_argument("--timing-pairs", type=int, help="interleaved KD/CE step pairs timed (default 60; quick 10)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the table of KD settings (alpha, T, lr, steps)")
+    ap.add_argument("--seeds", type=int, help=f"CE/KD pairs with different student seeds (data order), at most "
+                    f"{len(SEEDS)}; the gap closed is that of the seed-mean losses (default 3; quick 1)")
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -251,6 +293,7 @@ def main() -> None:
     defaults = DistillSettings()
     steps = args.steps or (20 if args.quick else defaults.max_steps)
     pairs = args.timing_pairs or (10 if args.quick else 60)
+    seeds = SEEDS[:max(1, min(len(SEEDS), args.seeds or (1 if args.quick else 3)))]
     alpha = defaults.alpha if args.alpha is None else args.alpha
     temperature = defaults.temperature if args.temperature is None else args.temperature
     lr = defaults.lr if args.lr is None else args.lr
@@ -262,19 +305,29 @@ def main() -> None:
     log(f"setup {'cached' if setup['cached'] else 'built'}")
     runs: dict[tuple, dict] = {}  # (alpha, T, lr, steps) -> distill result; CE runs have alpha 0 and T 1
 
-    def get(alpha_: float, t_: float, lr_: float, steps_: int) -> dict:
-        key = (alpha_, t_, lr_, steps_)
+    def get(alpha_: float, t_: float, lr_: float, steps_: int, seed: int = SEEDS[0]) -> dict:
+        key = (alpha_, t_, lr_, steps_) + ((seed,) if seed != SEEDS[0] else ())
         if key not in runs:
-            log(f"run_distill alpha={alpha_} T={t_} lr={lr_} steps={steps_}")
-            runs[key] = distill(home, spec, plan, "run", alpha=alpha_, temperature=t_, lr=lr_, max_steps=steps_)
+            log(f"run_distill alpha={alpha_} T={t_} lr={lr_} steps={steps_} seed={seed}")
+            runs[key] = distill(home, spec, plan, "run", seed, alpha=alpha_, temperature=t_, lr=lr_, max_steps=steps_)
         return runs[key]
 
-    ce, kd = get(0.0, 1.0, lr, steps), get(alpha, temperature, lr, steps)
+    # The CE-teacher gap can be a few hundredths of a nat (arithmetic), the size of the seed-to-seed
+    # spread, so the headline pairs CE and KD per seed and reports the gap closed by the seed-mean losses.
+    ce_runs = [get(0.0, 1.0, lr, steps, s) for s in seeds]
+    kd_runs = [get(alpha, temperature, lr, steps, s) for s in seeds]
+    ce, kd = seed_mean(ce_runs), seed_mean(kd_runs)
     log("timing")
     timing = time_steps(home, spec, plan, pairs, alpha, temperature)
     per_domain = {d: {"teacher": ce["teacher"][d], "ce": ce["student"][d], "kd": kd["student"][d],
                       "gap_nats": ce["student"][d] - ce["teacher"][d],
-                      "gap_closed": gap_closed(ce["student"][d], kd["student"][d], ce["teacher"][d])} for d in DATASETS}
+                      "gap_closed": gap_closed(ce["student"][d], kd["student"][d], ce["teacher"][d]),
+                      "gap_closed_per_seed": [gap_closed(c["student"][d], k["student"][d], c["teacher"][d])
+                                              for c, k in zip(ce_runs, kd_runs)]} for d in DATASETS}
+    teacher_lines = answer_split(home, spec, home / "models" / "teacher")
+    per_domain[ARITH]["lines"] = {m: {"teacher": teacher_lines[m], "ce": ce["arith_lines"][m], "kd": kd["arith_lines"][m],
+                                      "gap_closed": gap_closed(ce["arith_lines"][m], kd["arith_lines"][m], teacher_lines[m])}
+                                  for m in teacher_lines}
     sweep = None if args.quick or args.no_sweep else run_sweep(get, steps)
     # The honest reading: KD against the best CE run made (tuned baseline), since a higher lr or more steps
     # "close" more of the gap mostly by making CE overfit the small distillation set.
@@ -291,7 +344,7 @@ def main() -> None:
         "command": "python bench/bench_kd.py " + " ".join(sys.argv[1:]), "device": "cpu", "threads": 1,
         "load_avg_1_5_15": [round(x, 2) for x in uptime], "spec": dataclasses.asdict(spec), "spec_fp": spec.fp(),
         "setup": {k: setup[k] for k in ("setup_s", "cached", "teacher_rows", "teacher_heldout")},
-        "steps": steps, "teacher_steps": spec.teacher_steps, "batch_size": 8, "alpha": alpha,
+        "steps": steps, "seeds": list(seeds), "teacher_steps": spec.teacher_steps, "batch_size": 8, "alpha": alpha,
         "temperature": temperature, "lr": lr, "kept_layers": kd["kept_layers"], "per_domain": per_domain,
         "gap_closed_min": min((v["gap_closed"] for v in per_domain.values() if v["gap_closed"] is not None), default=None),
         "timing": timing, "sweep": sweep, "total_s": round(time.perf_counter() - t_start, 1),
@@ -314,6 +367,13 @@ def main() -> None:
     print(table(summary))
 
 
+def seed_mean(rs: list[dict]) -> dict:
+    """The runs' losses averaged over seeds (teacher losses do not depend on the student's seed)."""
+    mean = lambda key: {d: statistics.mean(r[key][d] for r in rs) for d in rs[0][key]}  # noqa: E731
+    return {**rs[0], "seed": [r["seed"] for r in rs], "student": mean("student"), "arith_lines": mean("arith_lines"),
+            "seconds": statistics.mean(r["seconds"] for r in rs)}
+
+
 def run_sweep(get, steps: int) -> list[dict]:
     """A few principled settings; each KD run is compared with a CE run at the same lr and steps."""
     grid = [(a, 1.0, 1e-3, steps) for a in (0.5, 0.9, 1.0)]
@@ -333,7 +393,7 @@ def _pct(x: float | None) -> str:
 
 def table(s: dict) -> str:
     t, pd = s["timing"], s["per_domain"]
-    lines = [f"KD vs CE: {s['steps']} steps x batch {s['batch_size']}, lr {s['lr']}, alpha {s['alpha']}, "
+    lines = [f"KD vs CE: {s['steps']} steps x batch {s['batch_size']}, student seeds {s['seeds']} (losses averaged), lr {s['lr']}, alpha {s['alpha']}, "
              f"T {s['temperature']}, k={s['spec']['top_k']} + tail; student = teacher layers {s['kept_layers']} "
              f"of {s['spec']['layers']}; {s['spec']['distill_sequences']} distill sequences x {s['spec']['seq_len']} "
              f"tokens per domain; load avg {s['load_avg_1_5_15']}", "",
@@ -341,9 +401,14 @@ def table(s: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for d, v in pd.items():
         ok = v["gap_closed"] is not None and v["gap_closed"] >= TARGET_GAP
+        per_seed = [x for x in v["gap_closed_per_seed"] if x is not None]
+        spread = (f" (per seed {', '.join(_pct(x) for x in per_seed)}; sd {statistics.stdev(per_seed):.1%})"
+                  if len(per_seed) > 1 else "")
         lines.append(f"| {d} | {v['teacher']:.4f} | {v['ce']:.4f} | {v['kd']:.4f} | {v['gap_nats']:.4f} | "
-                     f"{_pct(v['gap_closed'])} | "
-                     f">= 85% ({'meets' if ok else 'MISSES'}) |")
+                     f"{_pct(v['gap_closed'])}{spread} | >= 85% ({'meets' if ok else 'MISSES'}) |")
+    for m, v in pd[ARITH]["lines"].items():
+        lines.append(f"| {ARITH}, {m} lines only | {v['teacher']:.4f} | {v['ce']:.4f} | {v['kd']:.4f} | "
+                     f"{v['ce'] - v['teacher']:.4f} | {_pct(v['gap_closed'])} | (diagnostic) |")
     lines += ["", "| step time (1 thread, interleaved, %d pairs) | CE median [min, max] ms | KD median [min, max] ms "
               "| KD/CE median of pair ratios [min, max] | target |" % t["pairs"], "|---|---|---|---|---|"]
     for clock in ("cpu", "wall"):

@@ -4,7 +4,7 @@
 
 Each runner is measured in its own fresh subprocess (so peak RSS is its own; the baseline is the RSS after importing torch, transformers and
 the model's modelling code, which both paths need): throughput
-(tokens/s, forward + LM head + top-k, excluding the one-off full load) for several tokens
+(tokens/s, forward + LM head + top-k as extraction computes it, excluding the one-off full load) for several tokens
 per layer pass, and peak RSS above the interpreter's baseline (RSS after imports). The full
 path runs the same micro-batches the SLI path uses inside each layer pass, so both do
 exactly the same arithmetic. The physical limits are measured too: bytes / read bandwidth
@@ -64,12 +64,12 @@ def _chunk(n: int, T: int, seed: int = 0):
 
 
 def _head_topk(logits_fn, final_hidden):
-    """Top-k log-probs per sequence (one sequence of logits at a time, as extraction does)."""
-    import torch
+    """Top-k targets exactly as extraction computes them (stages/extract.topk_targets, auto logits chunk)."""
+    from nexus_core.config import ExtractSettings
+    from nexus_core.stages.extract import logit_positions, topk_targets
 
-    for s in range(final_hidden.shape[0]):
-        lp = torch.log_softmax(logits_fn(final_hidden[s:s + 1]), dim=-1)
-        lp.topk(K, dim=-1)
+    flat = final_hidden.reshape(-1, final_hidden.shape[-1])
+    topk_targets(logits_fn, flat, K, VOCAB, logit_positions(ExtractSettings(), VOCAB))
 
 
 def child(mode: str, model_dir: str) -> dict:
@@ -79,6 +79,7 @@ def child(mode: str, model_dir: str) -> dict:
 
     import transformers.models.llama.modeling_llama  # noqa: F401  (code both paths import: part of the baseline)
 
+    import nexus_core.stages.extract  # noqa: F401  (the top-k code both paths run: part of the baseline)
     from nexus_core.sli import StreamingRunner
 
     base = _rss_peak()

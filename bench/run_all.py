@@ -47,6 +47,8 @@ def _args(quick: bool) -> dict[str, tuple[list[str], str, str]]:
                 "SLI vs full load"),
         "xtok": (["bench_xtok.py", *(["--quick"] if q else [])], "xtok.json",
                  "Two teachers with different tokenizers"),
+        "scale": (["bench_scale.py", *(["--quick"] if q else [])], "bench_scale.json",
+                  "Scale-out: extraction with 1 vs 2 workers (extract.ranges)"),
     }
 
 
@@ -117,8 +119,14 @@ def _xtok(r):
     return render(r)
 
 
+def _scale(r):
+    from bench_scale import render
+
+    return render(r)
+
+
 TABLES = {"replay": _replay, "queue": _queue, "resume": _resume, "extract": _extract, "kd": _kd, "sli": _sli,
-          "xtok": _xtok}
+          "xtok": _xtok, "scale": _scale}
 
 
 # Running and writing ---------------------------------------------------------------------

@@ -25,8 +25,19 @@ def _progress_text(st) -> str:
     return ""
 
 
+def _part(st) -> list | None:
+    """[r, R] of an extract job that does block r of R of its dataset (extract.ranges > 1), else None."""
+    return (st.spec or {}).get("range")
+
+
+def _stage_name(st) -> str:
+    part = _part(st)
+    return f"{st.stage} {part[0] + 1}/{part[1]}" if part else st.stage
+
+
 def status_dict(state: State, live: dict | None = None) -> dict:
-    stages = sorted(state.stages.values(), key=lambda s: (_STAGE_ORDER.get(s.stage, 9), s.teacher_id or "", s.dataset or ""))
+    stages = sorted(state.stages.values(), key=lambda s: (_STAGE_ORDER.get(s.stage, 9), s.teacher_id or "", s.dataset or "",
+                                                          _part(s) or []))
     return {
         "last_seq": state.last_seq,
         "teachers": [{"teacher_id": t.teacher_id, "active": t.active, "status": t.teacher.get("status"),
@@ -34,7 +45,7 @@ def status_dict(state: State, live: dict | None = None) -> dict:
                      for t in sorted(state.teachers.values(), key=lambda t: t.teacher_id)],
         "rejections": [{"source": src, **r} for src, r in sorted(state.rejections.items())],
         "stages": [{"job_id": s.job_id, "stage": s.stage, "teacher_id": s.teacher_id, "dataset": s.dataset,
-                    "status": s.status.value, "description": s.description, "attempts": s.attempts,
+                    "part": _part(s), "status": s.status.value, "description": s.description, "attempts": s.attempts,
                     "progress": s.progress, "resume": s.resume, "error": s.error,
                     "last_checkpoint": s.last_checkpoint} for s in stages],
         "thermal": state.thermal,
@@ -93,8 +104,8 @@ def print_status(state: State, console: Console | None = None, live: dict | None
             text = f"[{colours.get(status, 'white')}]{status}[/]"
             if status == "failed" and s["error"]:
                 text += f" {s['error'][:80]}"
-            prog = _progress_text(next(x for x in state.stages.values() if x.job_id == s["job_id"]))
-            t.add_row(s["stage"], s["teacher_id"] or "-", s["dataset"] or "-", text, prog, s["job_id"])
+            st = state.stages[s["job_id"]]
+            t.add_row(_stage_name(st), s["teacher_id"] or "-", s["dataset"] or "-", text, _progress_text(st), s["job_id"])
         console.print(t)
     else:
         console.print("no stages yet: drop a teacher JSON into registry/ and run `nexus run` (or `nexus watch` + `nexus worker`)")

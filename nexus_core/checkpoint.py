@@ -3,6 +3,7 @@
 A checkpoint holds only tensors and primitive containers, so it loads with
 torch.load(weights_only=True) and never runs pickled code. `checkpoint_latest.pt` is
 replaced atomically; the last `keep` numbered copies `checkpoint_<step>.pt` stay beside it.
+Only rank 0 of a multi-process distill writes them (the plain model's state_dict, never a wrapper's).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def latest_path(paths: Paths) -> Path:
 
 
 def rng_state() -> dict:
+    """This process's RNG state. A run on several processes saves rank 0's, and every rank restores
+    it: the loop draws no per-rank random numbers, so the checkpoint resumes on any number of them."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

@@ -42,9 +42,16 @@ class ExtractSettings:
     max_samples: int = setting(2000, "at most this many packed sequences per dataset (0 = all)")
     shard_size: int = setting(256, "sequences per shard file")
     heldout_fraction: float = setting(0.05, "share of each dataset held out for evaluation (hash split)")
-    logit_chunk: int = setting(4096, "positions per full-vocabulary logits chunk (bounds memory)")
+    logit_chunk: int = setting(0, "positions per full-vocabulary logits chunk (bounds memory); 0: as many as fit "
+                               "in 32 MiB of float32 logits")
     save_hidden: bool = setting(False, "also store hidden states of the profile's critical layers")
     text_field: str = setting("", "dataset text column; empty: text, prompt+response or question+answer")
+    ranges: int = setting(1, "jobs per (teacher, dataset), each extracting a contiguous block of shards, so that "
+                          "several workers (one per GPU) share one dataset; the shards are the same for any value")
+
+    def __post_init__(self):
+        if self.ranges < 1:
+            raise ConfigError(f"--extract-ranges must be >= 1, not {self.ranges}")
 
 
 @dataclass
@@ -76,6 +83,9 @@ class DistillSettings:
     checkpoint_every: int = setting(50, "steps between periodic checkpoints")
     keep_checkpoints: int = setting(3, "numbered checkpoints kept besides checkpoint_latest.pt")
     grad_checkpointing: bool = setting(False, "trade compute for memory in the student")
+    nproc: int = setting(1, "processes (one GPU each, cuda:k..cuda:k+N-1 from --device cuda:k) that distill "
+                         "together under torchrun; the global batch stays batch_size x grad_accum, so results "
+                         "and checkpoints do not depend on it")
     xtok_loss: str = setting("hybrid", "loss for teachers with another tokenizer: hybrid (shared-token KL + ULD on "
                              "the rest), shared (KL on shared tokens only) or uld (sorted-probability only)",
                              ("hybrid", "shared", "uld"))
@@ -112,6 +122,10 @@ class FaultSettings:
     oom_at_batches: str = setting("", "test hook: raise out-of-memory at these batch numbers (e.g. 3,7)")
 
 
+# (section, key) of the settings that change how work is split or how much memory it takes, never results.
+UNFINGERPRINTED = {("extract", "ranges"), ("extract", "logit_chunk"), ("distill", "nproc")}
+
+
 @dataclass
 class Settings:
     run: RunSettings = field(default_factory=RunSettings)
@@ -127,6 +141,8 @@ class Settings:
     def __post_init__(self):
         if not 0.0 <= self.distill.alpha <= 1.0:
             raise ConfigError("--distill-alpha must be in [0, 1]")
+        if self.distill.nproc < 1:
+            raise ConfigError("--distill-nproc must be >= 1 (processes, one GPU each)")
         if self.distill.temperature <= 0:
             raise ConfigError("--distill-temperature must be > 0")
         if self.extract.top_k < 1 or self.extract.seq_len < 2:
@@ -146,9 +162,12 @@ class Settings:
         return dataclasses.asdict(self)
 
     def fingerprint(self, *sections: str) -> str:
-        """sha256 of the named sections (all when none): what a stage's output depends on."""
+        """sha256 of the named sections (all when none): what a stage's output depends on.
+
+        Settings that only split the work or bound memory (UNFINGERPRINTED) are left out: changing
+        them gives the same outputs, so the jobs keep their ids and resume."""
         d = self.to_dict()
-        picked = {s: d[s] for s in (sections or d.keys())}
+        picked = {s: {k: v for k, v in d[s].items() if (s, k) not in UNFINGERPRINTED} for s in (sections or d.keys())}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolved_device(self) -> str:

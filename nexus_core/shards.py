@@ -14,6 +14,12 @@ Manifest additions: "offsets" (bool), "text_fp" (align.text_fingerprint of the t
 teachers' spans are comparable only when equal), "heldout_quality" ({loss, loss_per_char, tokens,
 chars} of the teacher on the held-out split, or null) for per-domain teacher weights.
 
+Range jobs (extract.ranges > 1): job r of R writes the shards of its block and records them in
+its own part manifest (manifest-part-<r>-of-<R>.json, same fields as manifest.json plus "part"
+and "shard_range"). The job that completes last, decided under an flock on a lock file beside
+the shard folder (.<folder>.lock), merges the parts into manifest.json exactly as one job would
+have written it and removes the parts, so the finished folder is byte-identical for any R.
+
 Test hook: the environment variable NEXUS_TEST_DISK_LIMIT_BYTES, when set, makes the
 shard folder behave as if its disk held only that many bytes of shard files: a write
 that would pass the limit writes up to it and then fails with ENOSPC, and
@@ -23,8 +29,12 @@ that would pass the limit writes up to it and then fails with ENOSPC, and
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +45,11 @@ from nexus_core.errors import CorruptArtifactError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+PART_GLOB = "manifest-part-*.json"
+# manifest fields that fix the shards' contents: equal values, equal shard bytes
+SAME_INPUTS = ("teacher_fp", "tokenizer_fp", "settings_fp", "data_fp", "dataset", "k", "seq_len", "hidden_layers",
+               "offsets", "text_fp")
+_SHARD_RE = re.compile(r"shard-(\d+)\.safetensors")
 DISK_LIMIT_ENV = "NEXUS_TEST_DISK_LIMIT_BYTES"
 _WRITE_BLOCK = 8 << 20
 
@@ -68,6 +83,16 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
+def shard_index(name: str) -> int | None:
+    m = _SHARD_RE.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def part_name(r: int, ranges: int) -> str:
+    """The part manifest of range job r (from 0) of `ranges`."""
+    return f"manifest-part-{r:05d}-of-{ranges:05d}.json"
+
+
 def _disk_limit() -> int | None:
     value = os.environ.get(DISK_LIMIT_ENV)
     return int(value) if value else None
@@ -92,9 +117,10 @@ def free_bytes_for(shard_dir: Path) -> int:
 class ShardWriter:
     """Writes shard files and keeps manifest.json in step with them (rewritten after each shard)."""
 
-    def __init__(self, shard_dir: Path, manifest: dict):
+    def __init__(self, shard_dir: Path, manifest: dict, name: str = MANIFEST):
         self.dir = Path(shard_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name  # manifest.json, or a range job's part manifest
         self.manifest = dict(manifest)
         self.manifest.setdefault("version", MANIFEST_VERSION)
         self.manifest.setdefault("shards", [])
@@ -102,15 +128,17 @@ class ShardWriter:
 
     @property
     def manifest_path(self) -> Path:
-        return self.dir / MANIFEST
+        return self.dir / self.name
 
     @property
     def shard_paths(self) -> list[Path]:
         return [self.dir / s["file"] for s in self.manifest["shards"]]
 
-    def add(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], **record) -> Path:
-        """Write the next shard atomically, record it (plus `record` fields), rewrite the manifest."""
-        index = len(self.manifest["shards"])
+    def add(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], index: int | None = None,
+            **record) -> Path:
+        """Write shard `index` (default: the next) atomically, record it (plus `record` fields) in index
+        order, rewrite the manifest."""
+        index = len(self.manifest["shards"]) if index is None else index
         target = self.dir / shard_name(index)
         blob = serialize(tensors, metadata)
         with atomic_path(target) as tmp:
@@ -118,6 +146,7 @@ class ShardWriter:
         mask = tensors["attention_mask"]
         self.manifest["shards"].append({"file": target.name, "sequences": int(mask.shape[0]),
                                         "tokens": int(mask.sum()), "sha256": sha256_file(target), **record})
+        self.manifest["shards"].sort(key=lambda rec: shard_index(rec["file"]))
         self.save()
         return target
 
@@ -141,9 +170,9 @@ class ShardWriter:
         return self.manifest
 
 
-def read_manifest(shard_dir: Path) -> dict:
+def read_manifest(shard_dir: Path, name: str = MANIFEST) -> dict:
     """The shard folder's manifest; CorruptArtifactError when it is missing or not a valid manifest."""
-    path = Path(shard_dir) / MANIFEST
+    path = Path(shard_dir) / name
     if not path.is_file():
         raise CorruptArtifactError(f"{path} is missing; run the extract stage for this teacher and dataset")
     try:
@@ -180,3 +209,137 @@ def verify_shards(shard_dir: Path) -> list[str]:
     except CorruptArtifactError as exc:
         return [str(exc)]
     return [p for rec in manifest["shards"] if (p := shard_problem(shard_dir, rec))]
+
+
+# --- range jobs: several jobs fill one shard folder ------------------------------------------
+
+def shard_block(r: int, ranges: int, n_shards: int) -> tuple[int, int]:
+    """Shards [lo, hi) of range job r of `ranges`: contiguous blocks of near-equal size, in order.
+
+    With fewer shards than ranges, a job left without a block redoes one shard of a neighbour
+    (the same bytes): every job then has outputs on record, and a job with none would never
+    count as done."""
+    lo, hi = r * n_shards // ranges, (r + 1) * n_shards // ranges
+    if lo == hi and n_shards:
+        lo = min(lo, n_shards - 1)
+        hi = lo + 1
+    return lo, hi
+
+
+@contextmanager
+def dir_lock(shard_dir: Path):
+    """An exclusive flock on .<folder>.lock beside the shard folder (not in it: the folder's bytes
+    are the contract). Serialises the range jobs' claims and merges, across processes and across
+    machines that share the workdir (paths.check_lockable refuses filesystems where it would not)."""
+    shard_dir = Path(shard_dir)
+    shard_dir.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(shard_dir.parent / f".{shard_dir.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def same_inputs(manifest: dict | None, base: dict) -> bool:
+    return manifest is not None and all(manifest.get(k) == base[k] for k in SAME_INPUTS)
+
+
+def _manifest_or_none(shard_dir: Path, name: str) -> dict | None:
+    try:
+        manifest = read_manifest(shard_dir, name)
+    except CorruptArtifactError:
+        return None
+    return manifest if all(shard_index(rec["file"]) is not None for rec in manifest["shards"]) else None
+
+
+def verified_records(shard_dir: Path, base: dict, indices: range) -> dict[int, dict]:
+    """Shard index -> record, for the shards in `indices` that manifest.json or a part manifest of
+    the same inputs lists and whose file still has the recorded sha256: the work a rerun keeps."""
+    shard_dir = Path(shard_dir)
+    candidates: dict[int, list[dict]] = {}
+    names = [MANIFEST, *sorted(p.name for p in shard_dir.glob(PART_GLOB))] if shard_dir.is_dir() else []
+    for name in names:
+        manifest = _manifest_or_none(shard_dir, name)
+        if same_inputs(manifest, base):
+            for rec in manifest["shards"]:
+                if shard_index(rec["file"]) in indices:
+                    candidates.setdefault(shard_index(rec["file"]), []).append(rec)
+    out = {}
+    for i, recs in sorted(candidates.items()):
+        path = shard_dir / shard_name(i)
+        digest = sha256_file(path) if path.is_file() else None
+        match = next((rec for rec in recs if rec["sha256"] == digest), None)
+        if match is not None:
+            out[i] = match
+    return out
+
+
+@dataclass
+class Claim:
+    writer: ShardWriter | None  # None: merged before and intact, nothing to write
+    records: dict[int, dict]  # verified shards of the job's block, by index
+    finished: dict | None  # an earlier complete manifest.json of the same inputs
+
+
+def claim(shard_dir: Path, base: dict, lo: int, hi: int, part: tuple[int, int] = (0, 1)) -> Claim:
+    """Start or resume the shards [lo, hi) of range job `part` = (r, R), under the folder lock.
+
+    Keeps every verified shard an earlier run wrote (whatever its R). One job (R = 1) writes
+    manifest.json as it goes, as always, and removes other runs' shard files; a range job writes
+    its part manifest and drops a manifest.json of other inputs (its shards are being replaced)."""
+    r, ranges = part
+    shard_dir = Path(shard_dir)
+    with dir_lock(shard_dir):
+        old = _manifest_or_none(shard_dir, MANIFEST)
+        if not same_inputs(old, base):
+            if ranges > 1 and (shard_dir / MANIFEST).exists():
+                (shard_dir / MANIFEST).unlink()
+            old = None
+        finished = old if old is not None and old.get("complete") and old.get("documents") == base["documents"] else None
+        records = verified_records(shard_dir, base, range(lo, hi))
+        if ranges > 1 and finished is not None and len(records) == hi - lo:
+            return Claim(None, records, finished)
+        if ranges == 1:
+            for p in shard_dir.glob("shard-*.safetensors") if shard_dir.is_dir() else ():
+                if shard_index(p.name) not in records:
+                    p.unlink()  # another run's shards: never mixed with this one's
+        name, extra = (MANIFEST, {}) if ranges == 1 else (part_name(r, ranges), {"part": [r, ranges],
+                                                                                 "shard_range": [lo, hi]})
+        writer = ShardWriter(shard_dir, {**base, **extra, "shards": [records[i] for i in sorted(records)]}, name)
+        writer.save()
+        return Claim(writer, records, finished)
+
+
+def ready_records(shard_dir: Path, base: dict, ranges: int, n_shards: int) -> list[dict] | None:
+    """Every shard's record, in order, once each of the `ranges` blocks is done; else None.
+
+    A block is done when its part manifest (same inputs) is complete, or, having no part
+    manifest (merged before, and its job not rerun), when manifest.json's records of it verify.
+    An incomplete part means its job is running or will be rerun: that job merges at its end."""
+    shard_dir, out = Path(shard_dir), {}
+    for r in range(ranges):
+        lo, hi = shard_block(r, ranges, n_shards)
+        part = _manifest_or_none(shard_dir, part_name(r, ranges))
+        if same_inputs(part, base):
+            if not part.get("complete"):
+                return None
+            got = {shard_index(rec["file"]): rec for rec in part["shards"]}
+        else:
+            got = verified_records(shard_dir, base, range(lo, hi))
+        if any(i not in got for i in range(lo, hi)):
+            return None
+        out.update({i: got[i] for i in range(lo, hi)})
+    return [out[i] for i in range(n_shards)]
+
+
+def write_merged(shard_dir: Path, base: dict, records: list[dict], **totals) -> dict:
+    """manifest.json as one job writes it at its end; then the part manifests and any shard file
+    it does not list go (call under dir_lock, once every block is done)."""
+    shard_dir = Path(shard_dir)
+    manifest = ShardWriter(shard_dir, {**base, "shards": records}).finish(**totals)
+    listed = {rec["file"] for rec in records}
+    for p in [*shard_dir.glob("shard-*.safetensors"), *shard_dir.glob(PART_GLOB)]:
+        if p.name not in listed:
+            p.unlink(missing_ok=True)
+    return manifest

@@ -34,6 +34,22 @@ def job_id(stage: str, inputs: dict) -> str:
     return f"{stage}-{digest}"
 
 
+def extract_jobs(t: Teacher, dataset: str, pid: str, cfg: Settings, home: str, settings: dict) -> list[JobSpec]:
+    """extract.ranges jobs for one (teacher, dataset): job r extracts block r of the dataset's shards."""
+    R = cfg.extract.ranges
+    out = []
+    for r in range(R):
+        inputs = {"teacher": t.fingerprint(), "dataset": dataset, "profile": pid, "settings": cfg.fingerprint("extract")}
+        payload = {"home": home, "stage": "extract", "settings": settings, "teacher": t.to_dict(), "dataset": dataset}
+        words = f"extract {t.teacher_id} on {dataset}"
+        if R > 1:
+            inputs["range"] = payload["range"] = [r, R]
+            words += f" (part {r + 1}/{R})"
+        out.append(JobSpec(job_id("extract", inputs), Stage.EXTRACT.value, words, t.teacher_id, dataset, None, (pid,),
+                           payload))
+    return out
+
+
 def _selected(state: State, models: str) -> list[Teacher]:
     wanted = {m.strip() for m in models.split(",") if m.strip()}
     out = []
@@ -55,14 +71,14 @@ def plan_jobs(state: State, cfg: Settings, datasets: list[str], home: str,
               failed_since_seq: int | None = None) -> tuple[list[JobSpec], DistillPlan | None]:
     """Jobs in dependency order: profile(t) -> extract(t, d) -> distill(plan) -> router(plan).
 
-    Teachers whose profile, and (teacher, dataset) pairs whose extraction, failed after
-    `failed_since_seq` are left out of the distillation plan, so one bad teacher or
-    dataset does not stop the others.
+    Teachers whose profile, and (teacher, dataset) pairs whose extraction (any of its
+    extract.ranges jobs), failed after `failed_since_seq` are left out of the distillation
+    plan, so one bad teacher or dataset does not stop the others.
     """
     teachers = _selected(state, cfg.run.models)
     settings = cfg.to_dict()
     specs: list[JobSpec] = []
-    healthy: list[tuple[Teacher, str, str]] = []  # (teacher, dataset, extract job id)
+    healthy: list[tuple[Teacher, str, list[str]]] = []  # (teacher, dataset, its extract job ids)
     for t in teachers:
         t_datasets = sorted(t.datasets) if t.datasets else sorted(datasets)
         pid = job_id("profile", {"teacher": t.fingerprint(), "settings": cfg.fingerprint("profile", "memory"),
@@ -73,13 +89,10 @@ def plan_jobs(state: State, cfg: Settings, datasets: list[str], home: str,
         if _failed(state, pid, failed_since_seq):
             continue
         for d in t_datasets:
-            eid = job_id("extract", {"teacher": t.fingerprint(), "dataset": d, "profile": pid,
-                                     "settings": cfg.fingerprint("extract")})
-            specs.append(JobSpec(eid, Stage.EXTRACT.value, f"extract {t.teacher_id} on {d}", t.teacher_id, d, None,
-                                 (pid,), {"home": home, "stage": "extract", "settings": settings,
-                                          "teacher": t.to_dict(), "dataset": d}))
-            if not _failed(state, eid, failed_since_seq):
-                healthy.append((t, d, eid))
+            jobs = extract_jobs(t, d, pid, cfg, home, settings)
+            specs.extend(jobs)
+            if not any(_failed(state, j.job_id, failed_since_seq) for j in jobs):
+                healthy.append((t, d, [j.job_id for j in jobs]))
     plan_teachers = sorted({t.teacher_id: t for t, _, _ in healthy}.values(), key=lambda t: t.teacher_id)
     if not plan_teachers:
         return _without_failed(specs, state, failed_since_seq), None
@@ -89,7 +102,7 @@ def plan_jobs(state: State, cfg: Settings, datasets: list[str], home: str,
                             for d in (sorted(t.datasets) if t.datasets else all_datasets) if (t.teacher_id, d) not in pairs))
     plan = DistillPlan(teachers=tuple(plan_teachers), primary=choose_primary(plan_teachers),
                        datasets=tuple(all_datasets), excluded=excluded)
-    extract_ids = tuple(sorted(eid for _, _, eid in healthy))
+    extract_ids = tuple(sorted(eid for _, _, eids in healthy for eid in eids))
     did = job_id("distill", {"plan": plan.fingerprint(), "extracts": extract_ids,
                              "settings": cfg.fingerprint("distill", "student")})
     names = ", ".join(t.teacher_id for t in plan.teachers)

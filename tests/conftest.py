@@ -69,6 +69,17 @@ def write_dataset(paths: Paths, key: str, rows: list[dict]) -> Path:
     return folder
 
 
+@pytest.fixture
+def fake_model(tmp_path):
+    """A model folder that passes the registry's checks but holds no real weights (planning tests)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"\0" * 64)
+    (d / "tokenizer.json").write_text("{}")
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory) -> Path:
     """A 4-layer Llama teacher with a tokenizer trained on the test texts (built once)."""

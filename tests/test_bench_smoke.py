@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,3 +42,19 @@ def test_run_all_records_a_failing_benchmark_instead_of_crashing():
     assert r["rc"] != 0 and "data" not in r
     text = run_all.section("Replay", r)
     assert "Not measured" in text and "invalid int value" in text
+
+
+@pytest.mark.slow  # two rounds of real workers: ~90 s on a busy 2-core machine
+def test_scale_quick_runs_real_workers_and_projects(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}  # embedded Redis of its own
+    p = subprocess.run([sys.executable, "bench/run_all.py", "--quick", "--only", "scale", "--output", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    r = json.loads((tmp_path / "BENCHMARKS.json").read_text())["scale"]["data"]
+    assert r["identical"] and r["one"]["tokens"] == r["many"]["tokens"] > 0
+    assert len(r["one"]["jobs"]) == 1 and len(r["many"]["jobs"]) == 2
+    assert sorted(j["merged"] for j in r["many"]["jobs"]) == [False, True]
+    assert [x["workers"] for x in r["projection"]["rows"]] == [1, 2, 4, 8]
+    text = out.read_text()
+    assert "<!-- bench:scale -->" in text and "byte-identical: **yes**" in text and "Projection" in text

@@ -18,16 +18,6 @@ from producer.watch import watch
 from tests.conftest import write_dataset
 
 
-@pytest.fixture
-def fake_model(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text("{}")
-    (d / "model.safetensors").write_bytes(b"\0" * 64)
-    (d / "tokenizer.json").write_text("{}")
-    return d
-
-
 def _drop(paths, name, body):
     (paths.registry / name).write_text(json.dumps(body))
 

@@ -1,5 +1,7 @@
-"""Scale out on one real Redis: two workers share the queue, shards match one worker's,
-and a worker killed mid-job has its job adopted by the other after the dead-worker timeout."""
+"""Scale out on one real Redis: two workers share the queue, each dataset split into two range
+jobs (extract.ranges = 2), and the shard folders match one worker's with one job per dataset,
+manifest.json included; a worker killed mid-job has its job adopted by the other after the
+dead-worker timeout."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from tests.e2e import artefact_bytes, kill_tree, nexus, of_type, spawn, wait_for
 
 DATASETS = {"reasoning/arith": [{"text": t} for t in ARITH], "code/snippets": [{"text": t} for t in CODE],
             "code/more": [{"text": t.replace("add", "sub")} for t in CODE]}
-SHARDS = "memory/tiny/*/shard-*.safetensors"
+SHARDS = "memory/tiny/*/*"  # shards and manifest.json (no part manifest left behind)
 
 
 def _setup(paths, teacher_dir):
@@ -34,22 +36,22 @@ def test_two_workers_extract_in_parallel_with_identical_shards(tmp_path, workdir
     redis_conn.flushdb()
 
     _setup(workdir, tiny_teacher_dir)
-    env = dict(fast_env, NEXUS_EXTRACT_MAX_SAMPLES="48")
-    env_ref = dict(fast_env)
-    workers = [spawn(workdir, "worker", redis_url=redis_url, env_extra=env_ref) for _ in range(2)]
-    producer = spawn(workdir, "watch", redis_url=redis_url, env_extra=env_ref)
+    env = dict(fast_env, NEXUS_EXTRACT_RANGES="2")
+    workers = [spawn(workdir, "worker", redis_url=redis_url, env_extra=env) for _ in range(2)]
+    producer = spawn(workdir, "watch", redis_url=redis_url, env_extra=env)
     try:
         wait_for(workdir, lambda ev: len(of_type(ev, "StageCompleted", "router")) == 1, timeout=300, proc=workers[0])
     finally:
         for p in (producer, *workers):
             kill_tree(p, 15)
     assert artefact_bytes(workdir, SHARDS) == artefact_bytes(ref, SHARDS)
+    assert len(artefact_bytes(ref, "memory/tiny/*/manifest.json")) == 3
     events = read_events(workdir.log)
     pids = {e.data["pid"] for e in of_type(events, "StageStarted")}
     assert len(pids) == 2  # both workers took jobs from the one queue
     assert all(len(of_type(events, "StageCompleted", s)) == n for s, n in
-               (("profile", 1), ("extract", 3), ("distill", 1), ("router", 1)))
-    del env
+               (("profile", 1), ("extract", 6), ("distill", 1), ("router", 1)))
+    assert sorted(e.data["merged"] for e in of_type(events, "StageCompleted", "extract")) == [False] * 3 + [True] * 3
 
 
 def test_a_dead_workers_job_is_adopted_after_the_timeout(workdir, tiny_teacher_dir, fast_env, redis_conn, redis_url):

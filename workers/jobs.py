@@ -41,7 +41,9 @@ def _call_stage(stage: str, cfg: Settings, payload: dict, paths: Paths, ctx: Wor
     if stage == "extract":
         from nexus_core.stages.extract import run_extract
 
-        return run_extract(cfg, Teacher.from_dict(payload["teacher"]), DatasetRef.parse(payload["dataset"]), paths, ctx)
+        part = tuple(payload.get("range", (0, 1)))  # (r, R): block r of R of the dataset's shards
+        return run_extract(cfg, Teacher.from_dict(payload["teacher"]), DatasetRef.parse(payload["dataset"]), paths, ctx,
+                           part)
     if stage == "distill":
         from nexus_core.stages.distill import run_distill
 

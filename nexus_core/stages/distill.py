@@ -18,6 +18,7 @@ import structlog
 import torch
 
 from nexus_core import checkpoint as ckpt
+from nexus_core import ddp
 from nexus_core import kd_loss
 from nexus_core.atomic import write_json
 from nexus_core.config import Settings
@@ -131,7 +132,10 @@ def _projections(plan, paths, model, hidden_layers) -> torch.nn.ModuleDict:
 def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContext = StageContext()) -> StageResult:
     from nexus_core.teacher import tokenizer_from
 
-    d, device = cfg.distill, cfg.resolved_device()
+    d, group = cfg.distill, ddp.Group.current()
+    if d.nproc > 1 and group.world == 1:
+        return ddp.launch(cfg, plan, paths, ctx)  # torchrun: each of its ranks runs this function below
+    device = group.device(cfg.resolved_device())  # rank r of N: its own GPU
     torch.manual_seed(cfg.run.seed)
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer_from(plan.primary_teacher.path, plan.primary_teacher.trust_remote_code)
@@ -142,7 +146,8 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
     for tid, u in usage.items():
         log.info("distill.teacher_signal", teacher=tid, tokenizer=u["tokenizer"], domains=u["domains"])
     vocab = shard_info["vocab"] or len(tokenizer)
-    model, info, prev, step, base = _setup(cfg, plan, paths, device, ctx)
+    with group.rank0_first():  # rank 0 alone repairs or sets aside checkpoints
+        model, info, prev, step, base = _setup(cfg, plan, paths, device, ctx)
     primary_profile = read_profile(paths, plan.primary) or {}
     stored = set(next((s.sources[0].manifest.get("hidden_layers") or [] for s in streams
                        if s.sources[0].teacher_id == plan.primary), []))
@@ -151,6 +156,7 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
     to_student = {l: student_layer_for(l, info["kept_layers"], n_student, info["teacher_layers"]) for l in hidden_layers}
     tap = _HiddenTap(model, set(to_student.values())) if hidden_layers else None
     proj = _projections(plan, paths, model, hidden_layers).to(device)
+    group.same_start([model, proj])
     loader = ShardLoader(streams, d.batch_size, cfg.run.seed, hidden_layers, primary=plan.primary)
     planned = math.ceil(d.epochs * loader.per_epoch / d.grad_accum)
     end = base + (min(d.max_steps, planned) if d.max_steps > 0 else planned)
@@ -171,6 +177,8 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
     ctx.note("TeacherSignalsAligned", teacher_usage=usage, left_out=shard_info["left_out"], xtok_loss=d.xtok_loss)
 
     def save(reason: str) -> None:
+        if group.rank != 0:  # one writer
+            return
         state = {ckpt.MODEL: model.state_dict(), ckpt.OPTIMIZER: opt.state_dict(), ckpt.SCHEDULER: sched.state_dict(),
                  ckpt.PROJECTIONS: proj.state_dict(), ckpt.RNG: ckpt.rng_state(), ckpt.STEP: step,
                  ckpt.BASE_STEP: base, ckpt.END_STEP: end, ckpt.DATA_POSITION: (step - base) * d.grad_accum,
@@ -215,37 +223,41 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
             return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
     bar = None
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and group.rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=end, initial=step, desc="distill", file=sys.stderr)
     log_every, t0, tokens, last = max(1, min(10, (end - step) // 20 or 1)), time.perf_counter(), 0, {}
     while step < end:
-        # 1. Batch: this step's micro-batches; the loss divides by their total real tokens.
+        # 1. Batch: this rank's share of the step's micro-batches (all of them in one process); the
+        #    loss divides by the real tokens of the whole step, summed over the ranks.
         first = (step - base) * d.grad_accum
-        micro = [loader.micro_batch(first + j) for j in range(d.grad_accum)]
-        masks = [kd_loss.masks(mb.attention_mask) for mb in micro]
-        n_kd, n_ce = sum(int(k.sum()) for k, _ in masks), sum(int(c.sum()) for _, c in masks)
+        micro = group.share(loader, first, d.grad_accum)  # [(j, micro-batch)]
+        masks = [kd_loss.masks(mb.attention_mask) for _, mb in micro]
+        n_kd, n_ce = map(int, group.sum(sum(int(k.sum()) for k, _ in masks), sum(int(c.sum()) for _, c in masks)))
         # 2-3. Teacher targets come with the batch (top-k shards); loss and backward per micro-batch.
         kd_sum = ce_sum = 0.0
         oom_skipped, oom_hit = 0, False
-        for j, mb in enumerate(micro):
+        for j, mb in micro:
             number = step * d.grad_accum + j
             inject = number in oom_at
             oom_hit |= inject
             k_, c_, s_ = train_micro(mb.to(device), n_kd, n_ce, inject)
             kd_sum, ce_sum, oom_skipped = kd_sum + k_, ce_sum + c_, oom_skipped + s_
-        # 4. Step: clip, AdamW, schedule.
+        # 4. Step: gradients (and loss sums) summed over the ranks, clip, AdamW, schedule.
+        params = [p for g in opt.param_groups for p in g["params"]]
+        group.sum_grads(params)
+        kd_sum, ce_sum, oom_skipped, oom_hit = group.sum(kd_sum, ce_sum, oom_skipped, oom_hit)
         if d.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], d.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, d.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens += n_kd
         if oom_hit or oom_skipped:
-            skipped += oom_skipped
-            ctx.oom_recovered(step=step, skipped=oom_skipped, stage="distill")
+            skipped += int(oom_skipped)
+            ctx.oom_recovered(step=step, skipped=int(oom_skipped), stage="distill")
         # 5. Log.
         kd, ce = kd_sum / max(n_kd, 1), ce_sum / max(n_ce, 1)
         last = {"loss": d.alpha * d.temperature ** 2 * kd + (1 - d.alpha) * ce, "kd": kd, "ce": ce}
@@ -255,8 +267,8 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
-        # 6. Checkpoint: periodic, or on request (SIGUSR2, thermal pause, stop).
-        control = ctx.poll()
+        # 6. Checkpoint: periodic, or on request (SIGUSR2, thermal pause, stop), as rank 0 decides.
+        control = group.agree(ctx.poll())
         if control != Control.CONTINUE or step % max(d.checkpoint_every, 1) == 0:
             save(_REASON.get(control, "periodic"))
             saved_at = step
@@ -269,6 +281,8 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
     if saved_at != step and (prev is None or step != int(prev[ckpt.STEP])):
         save("periodic")
     loader.close()
+    if group.rank != 0:  # rank 0 alone evaluates and writes the release
+        return StageResult([], {})
     result = _finish(cfg, plan, paths, model, tokenizer, info, device, step, skipped, last, prev is None and base > 0)
     result.data["teacher_usage"] = usage
     return result

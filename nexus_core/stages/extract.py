@@ -30,10 +30,14 @@ from nexus_core.stages.context import Control, StageContext, StageResult
 from nexus_core.teacher import load_tokenizer, open_runner, tokenizer_fingerprint, tokenizer_vocab
 
 LOG_EPS = math.log(1e-30)  # tail_logmass floor when the top-k holds (numerically) all the mass
+LOGIT_CHUNK_BYTES = 32 << 20  # float32 logits alive at once when extract.logit_chunk is 0 (auto)
 
 
 def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Paths,
-                ctx: StageContext = StageContext()) -> StageResult:
+                ctx: StageContext = StageContext(), part: tuple[int, int] = (0, 1)) -> StageResult:
+    """Extract one dataset's shards; `part` = (r, R): only block r of R of them (extract.ranges), so
+    that R workers share the dataset. The last of the R jobs to finish writes manifest.json, byte for
+    byte what one job (the default (0, 1)) writes, and measures the teacher's held-out quality."""
     ex = cfg.extract
     # 1. Inputs: the profile (mode, critical layers), the tokenizer, the packed training split.
     profile = _load_profile(paths, teacher)
@@ -59,8 +63,10 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     hidden_layers = sorted(profile["critical_layers"]) if ex.save_hidden else []
     n, S = ids.shape[0], ex.shard_size
     n_shards = (n + S - 1) // S
+    r, R = part
+    lo, hi = shards.shard_block(r, R, n_shards)
 
-    # 2. Resume: keep the verified prefix of a matching manifest.
+    # 2. Resume: keep every verified shard of this job's block (an earlier run's, whatever its R).
     out_dir = paths.shard_dir(teacher.teacher_id, dataset.slug)
     base = {"version": shards.MANIFEST_VERSION, "teacher_id": teacher.teacher_id,
             "teacher_fp": profile["teacher_fp"], "dataset": dataset.key, "tokenizer_fp": tok_fp,
@@ -70,66 +76,81 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
             "data_fp": hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()[:16],
             "shard_size": S, "planned_shards": n_shards, "planned_sequences": n,
             "documents": {"train": len(train), "heldout": len(heldout)}}
-    kept = _resumable(out_dir, base)
-    start = len(kept)
-    ctx.started(resume_shard=start)
-    writer = shards.ShardWriter(out_dir, {**base, "shards": kept})
-    if start == n_shards:
-        return _finish(writer, out_dir, start, 0, 0.0, _old_quality(out_dir))
+    claim = shards.claim(out_dir, base, lo, hi, part)
+    todo = [s for s in range(lo, hi) if s not in claim.records]
+    resume = todo[0] if todo else hi
+    ctx.started(resume_shard=resume, **({"part": [r, R], "shard_range": [lo, hi]} if R > 1 else {}))
 
     # 3. Disk: refuse to start when the remaining shards cannot fit.
     H = int(profile["hidden"])
     per_seq = ex.seq_len * (4 + 1 + 6 * ex.top_k + 4 + 2 * H * len(hidden_layers) + (16 if cs is not None else 0))
-    need = (n - start * S) * per_seq + (n_shards - start) * 8192 + (1 << 16)
+    need = sum(min(n, (s + 1) * S) - s * S for s in todo) * per_seq + len(todo) * 8192 + (1 << 16)
     free = shards.free_bytes_for(out_dir)
-    if free < need:
+    if todo and free < need:
         raise DiskFullError(f"extract {teacher.teacher_id} on {dataset}: needs about {need} bytes ({need / 1e6:.1f} MB) "
-                            f"free in {out_dir} for {n_shards - start} shard(s), only {free} bytes free; free some space "
+                            f"free in {out_dir} for {len(todo)} shard(s), only {free} bytes free; free some space "
                             f"or lower --extract-max-samples")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer.save()
 
-    # 4. Extract shard by shard; batches never cross a shard boundary (resume-exact).
+    # 4. Extract shard by shard; batches never cross a shard boundary (resume-exact). The teacher
+    #    is opened on first use: a finished block needs it only when this job measures quality.
     device = cfg.resolved_device()
-    budget = _budget(cfg)
     dtype = getattr(torch, profile["dtype"]) if profile.get("device") == device else None  # as profiled
-    runner = open_runner(teacher, profile["mode"], device, dtype, memory_budget_bytes=budget)
+    opened = []
+
+    def runner():
+        if not opened:
+            opened.append(open_runner(teacher, profile["mode"], device, dtype, memory_budget_bytes=_budget(cfg)))
+        return opened[0]
+
+    writer = claim.writer
     oom_batches = _oom_batches(cfg.faults.oom_at_batches)
     per_shard = (S + ex.batch_size - 1) // ex.batch_size
-    t0, tokens_done = time.perf_counter(), 0
     try:
-        with _deterministic(), _progress_bar(n_shards, start) as bar:
-            for s in range(start, n_shards):
+        if todo:
+            runner()  # loaded before the clock starts: tokens_per_s is the shard loop's rate
+        t0, tokens_done = time.perf_counter(), 0
+        with _deterministic(), _progress_bar(hi - lo, hi - lo - len(todo)) as bar:
+            for done, s in enumerate(todo, start=hi - lo - len(todo) + 1):
                 parts, shard_skipped = [], []
                 for j, b0 in enumerate(range(s * S, min(n, (s + 1) * S), ex.batch_size)):
-                    _obey(ctx, ctx.poll(), s, n_shards, out_dir)
+                    _obey(ctx, ctx.poll(), done - 1, hi - lo, writer.manifest_path)
                     b1 = min(b0 + ex.batch_size, (s + 1) * S, n)
                     batch_no = s * per_shard + j
-                    part, skipped, ooms = _batch_with_oom(runner, ids, mask, b0, b1, batch_no, oom_batches, ex,
-                                                          real_vocab, hidden_layers, device)
+                    part_, skipped, ooms = _batch_with_oom(runner(), ids, mask, b0, b1, batch_no, oom_batches, ex,
+                                                           real_vocab, hidden_layers, device)
                     if ooms:
                         shard_skipped.extend(skipped)
                         ctx.oom_recovered(batch=batch_no, skipped=skipped, splits=ooms, stage="extract")
-                    if part:
-                        parts.append(part)
+                    if part_:
+                        parts.append(part_)
                     tokens_done += int(mask[b0:b1].sum())
                 if not parts:
                     raise NexusError(f"extract {teacher.teacher_id} on {dataset}: every sequence of shard {s} ran out of "
                                      f"memory; lower --extract-seq-len or use --sli always")
                 tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
                 if cs is not None:  # spans of the rows kept (OOM-skipped rows are not in the shard)
-                    kept_rows = [r for r in range(s * S, min(n, (s + 1) * S)) if r not in set(shard_skipped)]
+                    kept_rows = [i for i in range(s * S, min(n, (s + 1) * S)) if i not in set(shard_skipped)]
                     tensors["char_start"], tensors["char_end"] = cs[kept_rows], ce[kept_rows]
                 writer.add(tensors, {"format": "pt", "teacher_id": teacher.teacher_id, "dataset": dataset.key,
                                      "shard": s, "k": ex.top_k, "seq_len": ex.seq_len, "tokenizer_fp": tok_fp},
-                           skipped=shard_skipped)
+                           index=s, skipped=shard_skipped)
                 rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
-                bar(s + 1, rate)
-                ctx.progress(shard=s + 1, shards=n_shards, tokens=tokens_done, tokens_per_s=round(rate, 1))
-            quality = heldout_quality(runner, tok, heldout, ex, real_vocab)
+                bar(done, rate)
+                ctx.progress(shard=done, shards=hi - lo, tokens=tokens_done, tokens_per_s=round(rate, 1))
+        loop_s = time.perf_counter() - t0
+
+        # 5. The block is done; the last job of the dataset writes manifest.json (one job: always).
+        def quality():
+            with _deterministic():
+                return heldout_quality(runner(), tok, heldout, ex, real_vocab)
+
+        merged = _merge(claim, out_dir, base, part, n_shards, quality)
     finally:
-        runner.close()
-    return _finish(writer, out_dir, start, tokens_done, time.perf_counter() - t0, quality)
+        for opened_runner in opened:
+            opened_runner.close()
+    records = claim.writer.manifest["shards"] if claim.writer else list(claim.records.values())
+    own = [rec for rec in records if lo <= shards.shard_index(rec["file"]) < hi]
+    return _result(out_dir, own, merged, part, (lo, hi), resume, tokens_done, loop_s)
 
 
 # --- one batch ---------------------------------------------------------------------------------
@@ -173,28 +194,47 @@ def _batch_start(batch_no: int, ex) -> int:
     return s * ex.shard_size + j * ex.batch_size
 
 
+def logit_positions(ex, vocab: int) -> int:
+    """Positions per full-vocabulary logits chunk: `extract.logit_chunk`, or (0) as many as fit in
+    LOGIT_CHUNK_BYTES of float32 logits, so that the chunk stays small beside SLI's two resident layers
+    (4,096 positions of a 152k vocabulary would be 2.4 GiB)."""
+    if ex.logit_chunk > 0:
+        return ex.logit_chunk
+    return max(1, min(4096, LOGIT_CHUNK_BYTES // (4 * max(vocab, 1))))
+
+
+def topk_targets(logits_fn, flat: torch.Tensor, k: int, real_vocab: int, chunk: int):
+    """(P, H) final hidden states -> top-k ids (P, k) int32, log-probs (P, k) float16, tail log-mass (P,) float32.
+
+    `logits_fn` maps (1, p, H) to (1, p, V) float32 logits; one chunk of `chunk` positions is alive
+    at a time and is reused in place for the tail."""
+    P = flat.shape[0]
+    top_ids = torch.empty(P, k, dtype=torch.int32)
+    top_lp = torch.empty(P, k, dtype=torch.float16)
+    tail = torch.empty(P, dtype=torch.float32)
+    for p0 in range(0, P, chunk):
+        p1 = min(p0 + chunk, P)
+        z = logits_fn(flat[p0:p1].unsqueeze(0)).squeeze(0)  # (p, V) float32
+        if z.shape[-1] > real_vocab:
+            z[:, real_vocab:] = float("-inf")  # padded head rows are not tokens
+        lse = torch.logsumexp(z, dim=-1)  # (p,)
+        v, i = z.topk(k, dim=-1)  # (p, k)
+        top_ids[p0:p1] = i.to("cpu", torch.int32)
+        top_lp[p0:p1] = (v - lse[:, None]).to("cpu", torch.float16)
+        z.scatter_(-1, i, float("-inf"))  # what is left is the tail
+        tail[p0:p1] = (torch.logsumexp(z, dim=-1) - lse).clamp_min(LOG_EPS).cpu()  # log(1 - sum p_topk), exact
+        del z
+    return top_ids, top_lp, tail
+
+
 def _targets(runner, ids, mask, ex, real_vocab, hidden_layers) -> dict[str, torch.Tensor]:
     """Teacher targets for one batch: ids/mask (b, T) -> shard tensors for those b rows."""
     out = runner.forward(ids, mask, keep_layers=hidden_layers)
     h = out.final_hidden  # (b, T, H)
     b, T, H = h.shape
     k = ex.top_k
-    flat = h.reshape(b * T, H)
-    top_ids = torch.empty(b * T, k, dtype=torch.int32)
-    top_lp = torch.empty(b * T, k, dtype=torch.float16)
-    tail = torch.empty(b * T, dtype=torch.float32)
-    for p0 in range(0, b * T, ex.logit_chunk):
-        p1 = min(p0 + ex.logit_chunk, b * T)
-        z = runner.logits(flat[p0:p1].unsqueeze(0)).squeeze(0)  # (P, V) float32, at most one chunk alive
-        if z.shape[-1] > real_vocab:
-            z[:, real_vocab:] = float("-inf")  # padded head rows are not tokens
-        lse = torch.logsumexp(z, dim=-1)  # (P,)
-        v, i = z.topk(k, dim=-1)  # (P, k)
-        top_ids[p0:p1] = i.to("cpu", torch.int32)
-        top_lp[p0:p1] = (v - lse[:, None]).to("cpu", torch.float16)
-        z.scatter_(-1, i, float("-inf"))  # what is left is the tail
-        tail[p0:p1] = (torch.logsumexp(z, dim=-1) - lse).clamp_min(LOG_EPS).cpu()  # log(1 - sum p_topk), exact
-        del z
+    top_ids, top_lp, tail = topk_targets(runner.logits, h.reshape(b * T, H), k, real_vocab,
+                                         logit_positions(ex, real_vocab))
     res = {"input_ids": ids.to(torch.int32).cpu(), "attention_mask": mask.to(torch.uint8).cpu(),
            "topk_ids": top_ids.view(b, T, k), "topk_logprobs": top_lp.view(b, T, k),
            "tail_logmass": tail.view(b, T)}
@@ -205,51 +245,60 @@ def _targets(runner, ids, mask, ex, real_vocab, hidden_layers) -> dict[str, torc
 
 # --- control, resume, results ----------------------------------------------------------------
 
-def _obey(ctx: StageContext, control: Control, shard: int, n_shards: int, out_dir: Path) -> None:
+def _obey(ctx: StageContext, control: Control, kept: int, total: int, manifest: Path) -> None:
     """Between batches: completed shards are the checkpoint; a partial shard is abandoned on stop."""
     if control == Control.CHECKPOINT:
-        ctx.checkpoint_saved(step=shard, reason="sigusr2", path=out_dir / shards.MANIFEST)
+        ctx.checkpoint_saved(step=kept, reason="sigusr2", path=manifest)
     elif control == Control.PAUSE:
-        ctx.checkpoint_saved(step=shard, reason="pause", path=out_dir / shards.MANIFEST)
+        ctx.checkpoint_saved(step=kept, reason="pause", path=manifest)
         ctx.wait_while_paused()
     elif control.stops:
-        ctx.checkpoint_saved(step=shard, reason=control.value, path=out_dir / shards.MANIFEST)
-        raise StageInterrupted(control.value, f"{shard} of {n_shards} shards kept in {out_dir}; rerun to resume")
+        ctx.checkpoint_saved(step=kept, reason=control.value, path=manifest)
+        raise StageInterrupted(control.value, f"{kept} of {total} shards kept in {manifest.parent}; rerun to resume")
 
 
-def _resumable(out_dir: Path, base: dict) -> list[dict]:
-    """Shard records of an earlier run with the same inputs, up to the first missing/corrupt one."""
-    try:
-        old = shards.read_manifest(out_dir)
-    except Exception:
-        old = None
-    keys = ("teacher_fp", "tokenizer_fp", "settings_fp", "data_fp", "dataset", "k", "seq_len", "hidden_layers",
-            "offsets", "text_fp")
-    if old is None or any(old.get(k) != base[k] for k in keys):
-        for stale in out_dir.glob("shard-*.safetensors") if out_dir.exists() else ():
-            stale.unlink()  # another run's shards: never mixed with this one's
-        return []
-    kept = []
-    for i, rec in enumerate(old["shards"]):
-        if rec["file"] != shards.shard_name(i) or shards.shard_problem(out_dir, rec):
-            break
-        kept.append(rec)
-    return kept
+def _merge(claim: shards.Claim, out_dir: Path, base: dict, part: tuple[int, int], n_shards: int,
+           quality) -> dict | None:
+    """manifest.json when this job completes the dataset (always for one job), else None.
+
+    A range job marks its part complete and, under the folder lock, looks whether every block is
+    done: only the last one to finish sees that (the check and its own mark are one critical
+    section). Kept mass and held-out quality are measured outside the lock, then checked again."""
+    r, R = part
+    if claim.writer is None:
+        return None  # merged before and intact
+    if R == 1:
+        records = claim.writer.manifest["shards"]
+    else:
+        with shards.dir_lock(out_dir):
+            claim.writer.save(complete=True)
+            records = shards.ready_records(out_dir, base, R, n_shards)
+        if records is None:
+            return None
+    kept_mass = _kept_mass([out_dir / rec["file"] for rec in records])
+    old = claim.finished  # same inputs, same held-out figures: no need to load the teacher again
+    heldout = old["heldout_quality"] if old is not None and "heldout_quality" in old else quality()
+    with shards.dir_lock(out_dir):
+        if R > 1 and shards.ready_records(out_dir, base, R, n_shards) != records:
+            return None  # a block was restarted meanwhile: its job merges when it ends
+        return shards.write_merged(out_dir, base, records, total_sequences=sum(rec["sequences"] for rec in records),
+                                   kept_mass=kept_mass, heldout_quality=heldout,
+                                   skipped_sequences=[i for rec in records for i in rec.get("skipped", [])])
 
 
-def _finish(writer: shards.ShardWriter, out_dir: Path, start: int, tokens: int, seconds: float,
-            quality: dict | None) -> StageResult:
-    kept_mass = _kept_mass(writer.shard_paths)
-    recs = writer.manifest["shards"]
-    m = writer.finish(total_sequences=sum(s["sequences"] for s in recs), kept_mass=kept_mass,
-                      skipped_sequences=[i for s in recs for i in s.get("skipped", [])], heldout_quality=quality)
-    return StageResult(artifacts=[*writer.shard_paths, writer.manifest_path], data={
-        "shards": len(m["shards"]), "sequences": m["total_sequences"],
-        "tokens": sum(s["tokens"] for s in m["shards"]),
-        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
-        "kept_mass_mean": kept_mass["mean"], "resume_shard": start,
-        "heldout_loss_per_char": (quality or {}).get("loss_per_char"),
-        "skipped_sequences": len(m["skipped_sequences"])})
+def _result(out_dir: Path, own: list[dict], merged: dict | None, part: tuple[int, int], block: tuple[int, int],
+            resume: int, tokens: int, seconds: float) -> StageResult:
+    """This job's shards (and manifest.json when it wrote it) and figures; one job: the whole dataset."""
+    data = {"shards": len(own), "sequences": sum(rec["sequences"] for rec in own),
+            "tokens": sum(rec["tokens"] for rec in own),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+            "kept_mass_mean": merged["kept_mass"]["mean"] if merged else None, "resume_shard": resume,
+            "heldout_loss_per_char": ((merged or {}).get("heldout_quality") or {}).get("loss_per_char"),
+            "skipped_sequences": sum(len(rec.get("skipped", [])) for rec in own)}
+    if part[1] > 1:
+        data.update(part=list(part), shard_range=list(block), merged=merged is not None)
+    artifacts = [out_dir / rec["file"] for rec in own] + ([out_dir / shards.MANIFEST] if merged else [])
+    return StageResult(artifacts=artifacts, data=data)
 
 
 HELDOUT_QUALITY_SEQUENCES = 16
@@ -281,23 +330,16 @@ def heldout_quality(runner, tok, heldout: list[str], ex, real_vocab: int) -> dic
         width = torch.zeros(b, T, dtype=torch.long)
         width[:, :-1] = (ce[b0:b0 + b, 1:] - cs[b0:b0 + b, 1:]).clamp(min=0)  # chars the target token covers
         flat, tf, rf = h.reshape(b * T, H), tgt.view(-1), real.view(-1)
-        for p0 in range(0, b * T, ex.logit_chunk):
-            z = runner.logits(flat[p0:p0 + ex.logit_chunk].unsqueeze(0)).squeeze(0)[:, :real_vocab].float()
-            lp = z.log_softmax(-1).gather(-1, tf[p0:p0 + ex.logit_chunk, None].to(z.device)).squeeze(-1).cpu()
-            nll -= float(lp[rf[p0:p0 + ex.logit_chunk]].double().sum())
+        chunk = logit_positions(ex, real_vocab)
+        for p0 in range(0, b * T, chunk):
+            z = runner.logits(flat[p0:p0 + chunk].unsqueeze(0)).squeeze(0)[:, :real_vocab].float()
+            lp = z.log_softmax(-1).gather(-1, tf[p0:p0 + chunk, None].to(z.device)).squeeze(-1).cpu()
+            nll -= float(lp[rf[p0:p0 + chunk]].double().sum())
         tokens += int(real.sum())
         chars += int(width[real].sum())
     if tokens == 0 or chars == 0:
         return None
     return {"loss": round(nll / tokens, 6), "loss_per_char": round(nll / chars, 6), "tokens": tokens, "chars": chars}
-
-
-def _old_quality(out_dir: Path) -> dict | None:
-    """The held-out figures of a complete earlier run with the same inputs (nothing to recompute)."""
-    try:
-        return shards.read_manifest(out_dir).get("heldout_quality")
-    except Exception:
-        return None
 
 
 def _kept_mass(files: list[Path]) -> dict:
@@ -324,8 +366,9 @@ def _load_profile(paths: Paths, teacher: Teacher) -> dict:
 
 
 def _settings_fp(cfg: Settings, hidden_layers: list[int]) -> str:
-    """What the shard contents depend on (logit_chunk only bounds memory, so it is left out)."""
-    ex = {k: v for k, v in cfg.to_dict()["extract"].items() if k != "logit_chunk"}
+    """What the shard contents depend on (logit_chunk only bounds memory and ranges only splits the
+    work, so both are left out: any R writes the same manifest)."""
+    ex = {k: v for k, v in cfg.to_dict()["extract"].items() if k not in ("logit_chunk", "ranges")}
     payload = {"extract": ex, "hidden_layers": hidden_layers, "oom_at_batches": cfg.faults.oom_at_batches}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -23,6 +23,7 @@ from nexus_core.errors import DatasetError, CorruptArtifactError, NexusError
 from nexus_core.paths import Paths
 from nexus_core.registry import Teacher
 from nexus_core.stages.context import StageContext, StageResult
+from nexus_core.stages.extract import logit_positions
 from nexus_core.teacher import (TeacherLoadError, default_dtype, load_config, load_tokenizer, open_runner,
                                 tokenizer_fingerprint, tokenizer_vocab)
 
@@ -134,7 +135,7 @@ def _footprint(cfg: Settings, tcfg, meta, device: str, dtype: torch.dtype) -> di
     H = int(tcfg.hidden_size)
     inter = int(getattr(tcfg, "intermediate_size", None) or 4 * H)
     vocab = int(tcfg.vocab_size)
-    acts = B * T * (8 * H + 3 * inter) * elem + min(B * T, cfg.extract.logit_chunk) * vocab * 4 * 3
+    acts = B * T * (8 * H + 3 * inter) * elem + min(B * T, logit_positions(cfg.extract, vocab)) * vocab * 4 * 3
     need = weights + acts + int(0.1 * weights) + (64 << 20)
     if cfg.memory.budget:
         budget, source = parse_bytes(cfg.memory.budget), "--memory-budget"
