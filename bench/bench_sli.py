@@ -100,9 +100,11 @@ def child(mode: str, model_dir: str) -> dict:
                     h = model.model(input_ids=ids[s:s + MICRO], attention_mask=mask[s:s + MICRO],
                                     use_cache=False).last_hidden_state
                     _head_topk(lambda x: head(x).float(), h)
+                    del h
             else:
                 out = runner.forward(ids, mask)
                 _head_topk(runner.logits, out.final_hidden)
+                del out  # as in extraction, where a batch's outputs die with _targets' frame
             dt, dc = time.perf_counter() - t, time.process_time() - c
             if i > 0:  # pass 0 warms the kernels up; CPU time is less swayed by other load on the machine
                 rows.append({"tokens": n * T, "seconds": dt, "tok_s": n * T / dt, "cpu_s": dc,

@@ -102,12 +102,21 @@ def _kd(r):
 
 
 def _sli(r):
-    full = {x["tokens"]: x for x in r["full"]["rows"]}
-    lines = ["| tokens/pass | full tok/s | SLI tok/s | ratio |", "|---|---|---|---|"]
+    full, lim = {x["tokens"]: x for x in r["full"]["rows"]}, r["limits"]
+    t_read = lim["bytes"] / lim["read_bytes_per_s"]  # one pass must read every weight once
+    lines = ["| tokens/pass | full tok/s | SLI tok/s | ratio | read-bound s | compute-bound s | SLI s |",
+             "|---|---|---|---|---|---|---|"]
     for s in r["sli"]["rows"]:
         f = full.get(s["tokens"], r["full"]["rows"][0])
-        lines.append(f"| {s['tokens']} | {f['tok_s']:.0f} | {s['tok_s']:.0f} | {s['tok_s'] / f['tok_s']:.2f} |")
+        t_comp = 2 * lim["params"] * s["tokens"] / lim["flops"]
+        lines.append(f"| {s['tokens']} | {f['tok_s']:.0f} | {s['tok_s']:.0f} | {s['tok_s'] / f['tok_s']:.2f} | "
+                     f"{t_read:.2f} | {t_comp:.2f} | {s['seconds']:.2f} |")
     return "\n".join(lines) + (
+        f"\n\nPhysical limits measured in the same run: weights {lim['bytes'] / 2**30:.2f} GiB read at "
+        f"{lim['read_bytes_per_s'] / 1e9:.2f} GB/s (read-bound: bytes / bandwidth per pass), fp32 matmul "
+        f"{lim['flops'] / 1e9:.0f} GFLOP/s (compute-bound: 2 · params · tokens / FLOP/s); streaming stops being "
+        f"bandwidth-bound above ~{lim['crossover_tokens']:.0f} tokens per pass. Full tok/s is measured at 512 and "
+        f"8,192 tokens per pass (a full load's rate does not depend on the pass size); other rows reuse the first."
         f"\n\nThroughput SLI/full at the largest pass: {r['throughput_ratio']:.2f} (target >= 0.90); peak RSS above "
         f"baseline SLI/full: {r['rss_ratio']:.2f} (target <= 0.25) — SLI {r['sli']['rss_above_base'] / 2**20:.0f} MiB, "
         f"full {r['full']['rss_above_base'] / 2**20:.0f} MiB.")

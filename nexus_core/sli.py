@@ -29,7 +29,7 @@ from torch import nn
 
 from nexus_core.safetensors_meta import scan
 from nexus_core.sli_arch import (Recorder, Source, SLIUnsupportedError, Stop, WeightIndex, expert_modules, keep_fp32,
-                                 renamer, return_freed_memory, slice_calls, sli_support, write_rows)
+                                 renamer, return_freed_memory, slice_calls, sli_support, trim_heap, write_rows)
 from nexus_core.teacher import ForwardOutput, apply_logit_transforms, block_influence, default_dtype
 
 __all__ = ["StreamingRunner", "sli_support", "SLIUnsupportedError", "open_with_fallback"]
@@ -214,6 +214,7 @@ class StreamingRunner:
         for h in getattr(self, "_hooks", []):
             h.remove()
         self._hooks = []
+        trim_heap()
 
     def _expert_hook(self, key: int):
         """Forward pre-hook on a fused experts module: read the experts this call routes to, once each."""
