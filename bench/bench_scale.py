@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,12 +64,14 @@ def run_once(root: Path, model: Path, texts: list[str], workers: int, a, url: st
     ds = paths.datasets / "code" / "stdlib"
     ds.mkdir(parents=True)
     (ds / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    if conn is not None:
-        conn.flushdb()
+    # one server for both runs: the previous run's queued distill/router jobs would keep a worker busy
+    (conn or redis.Redis.from_url(url)).flushdb()
     env = settings_env(a, workers)
     procs = [spawn_logged(paths, url, env, "worker") for _ in range(workers)]
     procs.append(spawn_logged(paths, url, env, "watch"))
     try:
+        # every worker listening (stages imported) before the teacher drops, so none starts late
+        wait_until(lambda: _listening(url) >= workers or None, a.timeout, f"{workers} worker(s) listening", procs)
         register(paths, "bench", model)
         done = wait_until(lambda: _extract_done(paths, workers), a.timeout, f"{workers} extract job(s)", procs, poll=0.2)
     finally:
@@ -90,6 +94,12 @@ def run_once(root: Path, model: Path, texts: list[str], workers: int, a, url: st
     return {"workers": workers, "ranges": workers, "jobs": jobs, "tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s_wall": round(tokens / wall, 1), "shard_bytes": sum(len(b) for b in files.values()),
             "_files": files}
+
+
+def _listening(url: str) -> int:
+    from rq import Worker
+
+    return len(Worker.all(connection=redis.Redis.from_url(url)))
 
 
 def _extract_done(paths: Paths, n: int):

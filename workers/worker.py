@@ -167,7 +167,17 @@ def run_worker(conn, events: EventLog, burst: bool = False, name: str | None = N
         device = f"cuda:{worker.gpu_index}"
         log.info("worker claimed a GPU", device=device)
     Flags.device = device
+    _preload_stages()
     recover_orphans(conn, events, me=worker.name)
     install_process_handlers()
     Flags.stop_after_job = Flags.usr1  # a USR1 between jobs still pauses the next one
     return worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
+
+
+def _preload_stages() -> None:
+    """Import the stages (torch, transformers: seconds) before taking a job, so the first job a fresh
+    worker takes starts as fast as the later ones and a second worker joins a running queue at once."""
+    import nexus_core.stages.distill  # noqa: F401
+    import nexus_core.stages.extract  # noqa: F401
+    import nexus_core.stages.profile  # noqa: F401
+    import nexus_core.stages.router  # noqa: F401
