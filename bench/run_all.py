@@ -91,14 +91,9 @@ def _gap(g) -> str:
 
 
 def _kd(r):
-    ce, kd = r["runs"]["ce"], r["runs"]["kd"]
-    return ("| model | held-out loss | step time ms |\n|---|---|---|\n"
-            f"| teacher | {r['teacher_heldout_loss']:.4f} | – |\n"
-            f"| CE student (alpha 0) | {r['ce_heldout_loss']:.4f} | {ce['step_time_s'] * 1e3:.1f} |\n"
-            f"| KD student (alpha {kd.get('alpha')}) | {r['kd_heldout_loss']:.4f} | {kd['step_time_s'] * 1e3:.1f} |\n\n"
-            f"Share of the CE->teacher gap closed by KD: {_gap(r['gap_closed'])}; KD/CE step time "
-            f"{r['kd_over_ce_step_time']:.2f} (p10 {r['kd_over_ce_step_time_p10']:.2f}); {r['steps']} steps, "
-            f"teacher trained {r['teacher_steps']} steps.")
+    from bench_kd import table
+
+    return table(r)
 
 
 def _sli(r):
