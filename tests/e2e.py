@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,10 +27,30 @@ def nexus(paths, *args, redis_url=None, env_extra=None, timeout=300) -> subproce
                           cwd=paths.home, capture_output=True, text=True, timeout=timeout)
 
 
+class _Output:
+    """A child's output in a temporary file, read back with .read(). Not a pipe: a pipe nobody reads
+    fills (64 KiB) and blocks the child mid-write, where it can no longer act on SIGTERM."""
+
+    def __init__(self):
+        self._f = tempfile.TemporaryFile(mode="w+", errors="replace")
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def read(self) -> str:
+        self._f.seek(0)
+        return self._f.read()
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def spawn(paths, *args, redis_url=None, env_extra=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nexus", *args], env=nexus_env(paths, redis_url, env_extra),
-                            cwd=paths.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    out = _Output()
+    proc = subprocess.Popen([sys.executable, "-m", "nexus", *args], env=nexus_env(paths, redis_url, env_extra),
+                            cwd=paths.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.stdout = out
+    return proc
 
 
 def kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:

@@ -46,6 +46,7 @@ def _on_usr2(signum, frame):
 
 def _on_term(signum, frame):
     Flags.term += 1
+    Flags.stop_after_job = True  # also when it lands after the stage's last poll: no next job
     if Flags.term >= 2:
         raise KeyboardInterrupt("second interrupt: aborting the current batch")
 
