@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from nexus_core import align, data, shards
-from nexus_core.config import Settings
+from nexus_core.config import UNFINGERPRINTED, Settings
 from nexus_core.data import DatasetRef
 from nexus_core.errors import ConfigError, DatasetError, DiskFullError, NexusError, StageInterrupted
 from nexus_core.paths import Paths
@@ -368,7 +368,7 @@ def _load_profile(paths: Paths, teacher: Teacher) -> dict:
 def _settings_fp(cfg: Settings, hidden_layers: list[int]) -> str:
     """What the shard contents depend on (logit_chunk only bounds memory and ranges only splits the
     work, so both are left out: any R writes the same manifest)."""
-    ex = {k: v for k, v in cfg.to_dict()["extract"].items() if k not in ("logit_chunk", "ranges")}
+    ex = {k: v for k, v in cfg.to_dict()["extract"].items() if ("extract", k) not in UNFINGERPRINTED}
     payload = {"extract": ex, "hidden_layers": hidden_layers, "oom_at_batches": cfg.faults.oom_at_batches}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
