@@ -65,13 +65,13 @@ def run_once(root: Path, model: Path, texts: list[str], workers: int, a, url: st
     ds.mkdir(parents=True)
     (ds / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     # one server for both runs: the previous run's queued distill/router jobs would keep a worker busy
-    (conn or redis.Redis.from_url(url)).flushdb()
+    conn.flushdb()
     env = settings_env(a, workers)
     procs = [spawn_logged(paths, url, env, "worker") for _ in range(workers)]
     procs.append(spawn_logged(paths, url, env, "watch"))
     try:
         # every worker listening (stages imported) before the teacher drops, so none starts late
-        wait_until(lambda: _listening(url) >= workers or None, a.timeout, f"{workers} worker(s) listening", procs)
+        wait_until(lambda: _listening(conn) >= workers or None, a.timeout, f"{workers} worker(s) listening", procs)
         register(paths, "bench", model)
         done = wait_until(lambda: _extract_done(paths, workers), a.timeout, f"{workers} extract job(s)", procs, poll=0.2)
     finally:
@@ -96,10 +96,10 @@ def run_once(root: Path, model: Path, texts: list[str], workers: int, a, url: st
             "_files": files}
 
 
-def _listening(url: str) -> int:
+def _listening(conn) -> int:
     from rq import Worker
 
-    return len(Worker.all(connection=redis.Redis.from_url(url)))
+    return len(Worker.all(connection=conn))
 
 
 def _extract_done(paths: Paths, n: int):
@@ -151,7 +151,6 @@ def main() -> int:
     a = ap.parse_args()
     if a.quick:
         a.vocab, a.hidden, a.layers, a.sequences, a.seq_len, a.shard_size, a.text_bytes = 512, 64, 2, 16, 64, 4, 300_000
-    import redis
 
     root = Path(tempfile.mkdtemp(prefix="nexus-bench-scale-"))
     try:
@@ -159,14 +158,14 @@ def main() -> int:
         model, texts = build_teacher(root, a)
         build_s = time.perf_counter() - t0
         url, server = start_redis(root)
-        conn = None if server is not None else redis.Redis.from_url(url)
+        conn = redis.Redis.from_url(url)
         try:
             one = run_once(root / "one", model, texts, 1, a, url, conn)
             many = run_once(root / "many", model, texts, a.workers, a, url, conn)
         finally:
             if server is not None:
                 server.stop()
-            elif conn is not None:
+            else:
                 conn.flushdb()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -178,7 +177,7 @@ def main() -> int:
               "torch_threads_per_worker": 1, "cpus": os.cpu_count(), "build_s": round(build_s, 1),
               "one": one, "many": many, "identical": identical,
               "speedup": round(one["wall_s"] / many["wall_s"], 3), "projection": project(one, many),
-              "redis": "NEXUS_BENCH_REDIS_URL" if conn is not None else "embedded"}
+              "redis": "NEXUS_BENCH_REDIS_URL" if server is None else "embedded"}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench_scale.json").write_text(json.dumps(result, indent=2) + "\n")
     print(render(result))
