@@ -1,8 +1,8 @@
 """KD vs plain cross-entropy at equal steps and data, on the demo's kind of data, through the real stages.
 
     python bench/bench_kd.py            # full: ~6-8 min on 2 busy CPU cores (first run; the teacher is cached)
-    python bench/bench_kd.py --quick    # smoke test, ~30 s
-    python bench/bench_kd.py --sweep    # also a table of KD settings (alpha, temperature, lr, steps)
+    python bench/bench_kd.py --quick    # smoke test, ~40 s
+    python bench/bench_kd.py --no-sweep # without the table of other settings (student depth, alpha, T, lr, steps)
 
 What runs (everything a user's run goes through, only smaller):
 1. Data as `nexus run --demo` makes it (nexus_core.demo_data): `reasoning/arithmetic` and
@@ -11,8 +11,15 @@ What runs (everything a user's run goes through, only smaller):
 3. run_profile (block influence), then run_extract per domain: top-k shards, k=32 + tail bucket.
    The distillation data budget is `extract.max_samples` sequences per domain, a subset of what
    the teacher saw (as in real use, where the teacher was trained on far more than we distill on).
-4. run_distill twice from identical starts (the depth-pruned student of nexus_core/student.py,
-   same seed, data order, steps and lr schedule): alpha=0 (plain cross-entropy) and the KD setting.
+4. run_distill from identical starts (the depth-pruned student of nexus_core/student.py, same seed,
+   data order, steps and schedule): the KD setting, and alpha=0 (plain cross-entropy) at each lr of
+   CE_LRS. The baseline is the plain fine-tune at its best lr per domain (and, when KD runs more
+   steps than the default, at the better of the default and those steps: early stopping): at KD's
+   lr it overfits the small distillation set, and a gap measured against an overfitted baseline
+   overstates KD. The same-lr, same-steps comparison is printed beside it.
+   --augment / --augment-samples: the KD student also learns on the teacher's new rows near the
+   distillation sequences (extract.augment*, nexus_core/augment.py); the plain fine-tune keeps the
+   real rows, since without a teacher's labels the new rows are noise.
    Held-out loss per domain comes from run_distill's own evaluation (nexus_core/evaluate.py).
    Repeated for --seeds student seeds (data order; default 3): the arithmetic CE-teacher gap is a few
    hundredths of a nat, the size of the seed-to-seed spread, so one pair is not a measurement. The
@@ -29,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -47,113 +52,20 @@ sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from nexus_core import data, kd_loss  # noqa: E402
-from nexus_core.config import DistillSettings, load_settings  # noqa: E402
-from nexus_core.demo import eval_causal_lm, train_causal_lm  # noqa: E402
-from nexus_core.demo_data import DataSpec, dataset_texts, ensure_datasets  # noqa: E402
+from nexus_core.config import DistillSettings, StudentSettings  # noqa: E402
 from nexus_core.evaluate import MAX_HELDOUT_SEQUENCES  # noqa: E402
 from nexus_core.kd_data import ShardLoader, open_streams  # noqa: E402
-from nexus_core.model_factory import build_model, make_config, save_model, train_tokenizer  # noqa: E402
 from nexus_core.paths import Paths  # noqa: E402
 from nexus_core.plan import DistillPlan  # noqa: E402
-from nexus_core.registry import Teacher, _weight_files  # noqa: E402
+from nexus_core.registry import Teacher  # noqa: E402
 from nexus_core.stages.distill import _optimizer, run_distill  # noqa: E402
-from nexus_core.stages.extract import run_extract  # noqa: E402
-from nexus_core.stages.profile import run_profile  # noqa: E402
 from nexus_core.student import build_student  # noqa: E402
 
-OUT = ROOT / "bench" / "out"
-ARITH, CODE = "reasoning/arithmetic", "code/python-stdlib"
-DATASETS = (CODE, ARITH)  # sorted, as DistillPlan keeps them
-TARGET_GAP, TARGET_RATIO = 0.85, 1.10
-MARKER = "bench_marker.json"
-SEEDS = (7, 8, 9, 10, 11)  # run.seed of the students (their data order); the first is the single-seed default
+from kd_workdir import (  # noqa: E402  (bench/ is on sys.path when run as a script)
+    ARITH, DATASETS, OUT, QUICK, SEEDS, Spec, prepare, prepare_augmented, settings,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """Everything that makes the teacher and its shards (the cache key)."""
-
-    arith_rows: int = 3000
-    stdlib_bytes: int = 500_000
-    stdlib_max_file: int = 12_000  # many small files, so the 5% hash split holds out several
-    vocab: int = 768
-    seq_len: int = 64
-    hidden: int = 96
-    layers: int = 4
-    intermediate: int = 256
-    teacher_steps: int = 500
-    teacher_batch: int = 16
-    teacher_lr: float = 3e-3
-    distill_sequences: int = 96  # extract.max_samples: the KD/CE data budget per domain
-    top_k: int = 32
-
-    def fp(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
-
-QUICK = Spec(arith_rows=600, stdlib_bytes=150_000, stdlib_max_file=6_000, vocab=384, hidden=48, intermediate=128, teacher_steps=150,
-             distill_sequences=24)
-
-
-def settings(home: Path, spec: Spec, seed: int = SEEDS[0], **distill):
-    d = {"batch_size": 8, "epochs": 1000, "checkpoint_every": 100_000, "keep_checkpoints": 1}
-    d.update(distill)
-    return load_settings(home, environ={}, run={"device": "cpu", "seed": seed},
-                         extract={"seq_len": spec.seq_len, "top_k": spec.top_k, "max_samples": spec.distill_sequences,
-                                  "shard_size": 64, "batch_size": 16},
-                         distill=d, memory={"budget": "8GB"})
-
-
-# --- 1-3: data, teacher, profile, shards (cached by the spec's fingerprint) ----------------------
-
-def prepare(spec: Spec, log) -> tuple[Path, dict]:
-    """A workdir with datasets, a trained teacher, its profile and its shards; reused when complete.
-
-    A lock file serialises concurrent benchmark runs (e.g. bench/run_all.py and a manual run): the
-    second waits and then reuses the first one's workdir. (The dir cannot be built under a temporary
-    name and renamed: the teacher's fingerprint, stamped into profile and shards, includes its path.)
-    """
-    home = OUT / "kd_cache" / spec.fp()
-    home.parent.mkdir(parents=True, exist_ok=True)
-    with open(home.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (home / MARKER).exists():
-            return home, {**json.loads((home / MARKER).read_text()), "cached": True}
-        info = _build(home, spec, log)
-        (home / MARKER).write_text(json.dumps(info, indent=1))
-        return home, {**info, "cached": False}
-
-
-def _build(home: Path, spec: Spec, log) -> dict:
-    shutil.rmtree(home, ignore_errors=True)
-    paths = Paths(home).ensure()
-    cfg = settings(home, spec)
-    t0 = time.perf_counter()
-    ensure_datasets(paths, DataSpec(arithmetic_rows=spec.arith_rows, stdlib_bytes=spec.stdlib_bytes,
-                                    stdlib_max_file_bytes=spec.stdlib_max_file))
-    parts = {k: data.split(v, cfg.extract.heldout_fraction) for k, v in dataset_texts(paths).items()}
-    tok = train_tokenizer(parts[CODE][0] + parts[ARITH][0], vocab_size=spec.vocab)
-    # The teacher sees every training row of both domains (more than the distillation budget).
-    rows = [data.pack(tok, parts[d][0], spec.seq_len) for d in DATASETS]
-    ids, mask = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
-    config = make_config("llama", vocab_size=len(tok), hidden=spec.hidden, layers=spec.layers, heads=4, kv_heads=2,
-                         intermediate=spec.intermediate, max_pos=spec.seq_len * 2, tokenizer=tok)
-    model = build_model(config, seed=11)
-    log(f"training the teacher: {spec.teacher_steps} steps on {ids.shape[0]} rows")
-    losses = train_causal_lm(model, ids, mask, spec.teacher_steps, spec.teacher_lr, spec.teacher_batch, seed=11)
-    held = {d: eval_causal_lm(model, *data.pack(tok, parts[d][1], spec.seq_len, 64)) for d in DATASETS}
-    folder = home / "models" / "teacher"
-    save_model(model, tok, folder)
-    teacher = Teacher(teacher_id="teacher", path=str(folder.resolve()), status="ready", source="registry/teacher.json",
-                      weight_files=_weight_files(folder))
-    refs = [data.DatasetRef.parse(d) for d in DATASETS]
-    log("profile and extract (run_profile, run_extract)")
-    run_profile(cfg, teacher, paths, refs)
-    for ref in refs:
-        run_extract(cfg, teacher, ref, paths)
-    return {"teacher": teacher.to_dict(), "teacher_rows": int(ids.shape[0]), "teacher_final_train_loss":
-            sum(losses[-10:]) / 10, "teacher_heldout": held, "setup_s": round(time.perf_counter() - t0, 1),
-            "spec": dataclasses.asdict(spec)}
+TARGET_GAP, TARGET_RATIO = 0.85, 1.10  # share of the CE-teacher gap KD closes; KD/CE step time
 
 
 # --- 4: quality through run_distill ------------------------------------------------------------
@@ -215,13 +127,14 @@ def gap_closed(ce: float, kd: float, teacher: float) -> float | None:
 
 # --- 5: step time, interleaved -----------------------------------------------------------------
 
-def time_steps(home: Path, spec: Spec, plan: DistillPlan, n_pairs: int, alpha: float, temperature: float) -> dict:
+def time_steps(home: Path, spec: Spec, plan: DistillPlan, n_pairs: int, alpha: float, temperature: float,
+               student_layers: int = 0) -> dict:
     """KD and CE steps on identical students and batches, interleaved A/B/B/A; per-step CPU and wall seconds.
 
     A step is what run_distill does per optimizer step minus reading shards: forward, loss sums,
     combine, backward, clip, AdamW. Batches are read once up front so disk reads do not enter.
     """
-    cfg = settings(home, spec)
+    cfg = settings(home, spec, student_layers=student_layers)
     paths = Paths(home)
     streams, info = open_streams(cfg, plan, paths)
     loader = ShardLoader(streams, cfg.distill.batch_size, cfg.run.seed)
@@ -269,18 +182,40 @@ def time_steps(home: Path, spec: Spec, plan: DistillPlan, n_pairs: int, alpha: f
 
 # --- main --------------------------------------------------------------------------------------
 
+# The plain fine-tune's learning rates: the baseline gets the best of them per domain. At KD's lr it
+# overfits the small distillation set (code: 3.96 nats at 1e-3 vs 3.42 at 1e-4), and a gap measured
+# against an overfitted baseline overstates what KD closes.
+CE_LRS = (1e-4, 3e-4, 1e-3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (~30 s)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (~40 s)")
     ap.add_argument("--steps", type=int, help="student optimizer steps (both students); default: DistillSettings.max_steps (quick: 20)")
-    ap.add_argument("--teacher-steps", type=int, help="teacher training steps (default 500; quick: 60)")
+    ap.add_argument("--teacher-steps", type=int, help="teacher training steps (default 2000; quick: 150)")
+    ap.add_argument("--teacher-layers", type=int, help="teacher depth (default 4)")
+    ap.add_argument("--distill-sequences", type=int, help="extract.max_samples: the KD/CE data budget per domain "
+                    "(default 96; quick 24)")
+    ap.add_argument("--student-layers", type=int, default=0, help="teacher layers the student keeps (default: "
+                    "StudentSettings.layer_ratio of them)")
     ap.add_argument("--alpha", type=float, default=None, help="KD student's alpha (default: DistillSettings')")
     ap.add_argument("--temperature", type=float, default=None)
-    ap.add_argument("--lr", type=float, default=None, help="peak lr of both students (default: DistillSettings')")
+    ap.add_argument("--lr", type=float, default=None, help="KD student's peak lr (default: DistillSettings'); the "
+                    f"plain fine-tune takes the best of {CE_LRS} and this one")
     ap.add_argument("--timing-pairs", type=int, help="interleaved KD/CE step pairs timed (default 60; quick 10)")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the table of KD settings (alpha, T, lr, steps)")
-    ap.add_argument("--seeds", type=int, help=f"CE/KD pairs with different student seeds (data order), at most "
-                    f"{len(SEEDS)}; the gap closed is that of the seed-mean losses (default 3; quick 1)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the table of other settings (student depth, alpha, "
+                    "T, lr, steps)")
+    ap.add_argument("--seeds", type=int, help=f"student seeds (data order), at most {len(SEEDS)}; losses are "
+                    "averaged over them (default 3; quick 1)")
+    ap.add_argument("--augment", type=int, default=0, help="extract.augment for the KD student: it also trains on "
+                    "this many teacher-perturbed copies of the distillation sequences (nexus_core/augment.py)")
+    ap.add_argument("--augment-p", type=float, default=0.15, help="share of tokens a perturbed copy replaces")
+    ap.add_argument("--augment-samples", type=int, default=0, help="extract.augment_samples for the KD student: "
+                    "continuations of each sequence's first tokens sampled from the teacher")
+    ap.add_argument("--augment-temperature", type=float, default=0.8)
+    ap.add_argument("--ce-on-new-rows", action="store_true", help="a control: the plain fine-tune also trains on the "
+                    "teacher's new rows (the sampled and redrawn tokens as hard labels)")
+    ap.add_argument("--json", type=Path, default=OUT / "bench_kd.json", help="where the results go (default: %(default)s)")
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -288,8 +223,10 @@ def main() -> None:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout carries the table only
     torch.set_num_threads(1)  # on a shared 2-core machine extra threads mostly spin; one thread is steadiest
     spec = QUICK if args.quick else Spec()
-    if args.teacher_steps is not None:
-        spec = dataclasses.replace(spec, teacher_steps=args.teacher_steps)
+    for field, value in (("teacher_steps", args.teacher_steps), ("layers", args.teacher_layers),
+                         ("distill_sequences", args.distill_sequences)):
+        if value is not None:
+            spec = dataclasses.replace(spec, **{field: value})
     defaults = DistillSettings()
     steps = args.steps or (20 if args.quick else defaults.max_steps)
     pairs = args.timing_pairs or (10 if args.quick else 60)
@@ -303,67 +240,85 @@ def main() -> None:
     home, setup = prepare(spec, log)
     plan = DistillPlan(teachers=(Teacher.from_dict(setup["teacher"]),), primary="teacher", datasets=DATASETS)
     log(f"setup {'cached' if setup['cached'] else 'built'}")
-    runs: dict[tuple, dict] = {}  # (alpha, T, lr, steps) -> distill result; CE runs have alpha 0 and T 1
+    kd_home, kd_aug = home, {}
+    if args.augment or args.augment_samples:
+        kd_aug = {"augment": args.augment, "augment_p": args.augment_p, "augment_samples": args.augment_samples,
+                  "augment_temperature": args.augment_temperature}
+        kd_home = prepare_augmented(home, spec, plan.primary_teacher, kd_aug, log)
+    runs: dict[tuple, dict] = {}  # (alpha, T, lr, steps, layers, seed) -> distill result; CE runs: alpha 0, T 1
 
-    def get(alpha_: float, t_: float, lr_: float, steps_: int, seed: int = SEEDS[0]) -> dict:
-        key = (alpha_, t_, lr_, steps_) + ((seed,) if seed != SEEDS[0] else ())
+    def get(alpha_: float, t_: float, lr_: float, steps_: int, layers: int, seed: int) -> dict:
+        key = (alpha_, t_, lr_, steps_, layers, seed)
         if key not in runs:
-            log(f"run_distill alpha={alpha_} T={t_} lr={lr_} steps={steps_} seed={seed}")
-            runs[key] = distill(home, spec, plan, "run", seed, alpha=alpha_, temperature=t_, lr=lr_, max_steps=steps_)
+            log(f"run_distill alpha={alpha_} T={t_} lr={lr_} steps={steps_} student_layers={layers or 'default'} "
+                f"seed={seed}")
+            new_rows = alpha_ > 0 or args.ce_on_new_rows  # by default the plain fine-tune keeps the real rows
+            runs[key] = distill(kd_home if new_rows else home, spec, plan, "run", seed,
+                                augment=kd_aug if new_rows else None,
+                                student_layers=layers, alpha=alpha_, temperature=t_,
+                                lr=lr_, max_steps=steps_)
         return runs[key]
 
-    # The CE-teacher gap can be a few hundredths of a nat (arithmetic), the size of the seed-to-seed
-    # spread, so the headline pairs CE and KD per seed and reports the gap closed by the seed-mean losses.
-    ce_runs = [get(0.0, 1.0, lr, steps, s) for s in seeds]
-    kd_runs = [get(alpha, temperature, lr, steps, s) for s in seeds]
-    ce, kd = seed_mean(ce_runs), seed_mean(kd_runs)
+    def compare(alpha_: float, t_: float, lr_: float, steps_: int, layers: int, seeds_) -> dict:
+        """KD at one setting vs the plain fine-tune at its best lr per domain, same student and data, and at
+        most as many steps: with more steps than the default it may also stop at the default (early stopping)."""
+        budgets = sorted({min(steps_, DistillSettings().max_steps), steps_})
+        ce = {(c, n): seed_mean([get(0.0, 1.0, c, n, layers, s) for s in seeds_])
+              for c in sorted({*CE_LRS, lr_}) for n in budgets}
+        kd_runs = [get(alpha_, t_, lr_, steps_, layers, s) for s in seeds_]
+        kd = seed_mean(kd_runs)
+        out = {"alpha": alpha_, "temperature": t_, "lr": lr_, "steps": steps_, "kept_layers": kd["kept_layers"],
+               "ce_by_lr_steps": {f"{c:g}@{n}": r["student"] for (c, n), r in ce.items()}, "kd": kd["student"],
+               "teacher": kd["teacher"], "arith_lines": {"kd": kd["arith_lines"]}, "domains": {}}
+        for d in DATASETS:
+            best = min(ce, key=lambda c: ce[c]["student"][d])
+            per_seed = [gap_closed(get(0.0, 1.0, *best, layers, s)["student"][d], k["student"][d], k["teacher"][d])
+                        for s, k in zip(seeds_, kd_runs)]
+            out["domains"][d] = {
+                "teacher": kd["teacher"][d], "kd": kd["student"][d], "ce": ce[best]["student"][d], "ce_lr": best[0],
+                "ce_steps": best[1],
+                "gap_nats": ce[best]["student"][d] - kd["teacher"][d],
+                "gap_closed": gap_closed(ce[best]["student"][d], kd["student"][d], kd["teacher"][d]),
+                "gap_closed_per_seed": per_seed,
+                "ce_same_lr": ce[lr_, steps_]["student"][d],
+                "gap_closed_same_lr": gap_closed(ce[lr_, steps_]["student"][d], kd["student"][d], kd["teacher"][d])}
+            if d == ARITH:
+                out["arith_lines"]["ce"] = ce[best]["arith_lines"]
+        return out
+
+    head = compare(alpha, temperature, lr, steps, args.student_layers, seeds)
     log("timing")
-    timing = time_steps(home, spec, plan, pairs, alpha, temperature)
-    per_domain = {d: {"teacher": ce["teacher"][d], "ce": ce["student"][d], "kd": kd["student"][d],
-                      "gap_nats": ce["student"][d] - ce["teacher"][d],
-                      "gap_closed": gap_closed(ce["student"][d], kd["student"][d], ce["teacher"][d]),
-                      "gap_closed_per_seed": [gap_closed(c["student"][d], k["student"][d], c["teacher"][d])
-                                              for c, k in zip(ce_runs, kd_runs)]} for d in DATASETS}
+    timing = time_steps(home, spec, plan, pairs, alpha, temperature, args.student_layers)
+    per_domain = head["domains"]
     teacher_lines = answer_split(home, spec, home / "models" / "teacher")
-    per_domain[ARITH]["lines"] = {m: {"teacher": teacher_lines[m], "ce": ce["arith_lines"][m], "kd": kd["arith_lines"][m],
-                                      "gap_closed": gap_closed(ce["arith_lines"][m], kd["arith_lines"][m], teacher_lines[m])}
-                                  for m in teacher_lines}
-    sweep = None if args.quick or args.no_sweep else run_sweep(get, steps)
-    # The honest reading: KD against the best CE run made (tuned baseline), since a higher lr or more steps
-    # "close" more of the gap mostly by making CE overfit the small distillation set.
-    ces = [r for k, r in runs.items() if k[0] == 0.0]
-    kds = [r for k, r in runs.items() if k[0] > 0.0]
-    for d, v in per_domain.items():
-        best_ce = min(r["student"][d] for r in ces)
-        best_kd = min(r["student"][d] for r in kds)
-        v["best_ce"], v["best_kd"] = best_ce, best_kd
-        v["default_kd_vs_best_ce"] = gap_closed(best_ce, v["kd"], v["teacher"])
-        v["best_kd_vs_best_ce"] = gap_closed(best_ce, best_kd, v["teacher"])
-    uptime = os.getloadavg()
+    per_domain[ARITH]["lines"] = {m: {"teacher": teacher_lines[m], "ce": head["arith_lines"]["ce"][m],
+                                      "kd": head["arith_lines"]["kd"][m],
+                                      "gap_closed": gap_closed(head["arith_lines"]["ce"][m], head["arith_lines"]["kd"][m],
+                                                               teacher_lines[m])} for m in teacher_lines}
+    sweep = None if args.quick or args.no_sweep else run_sweep(compare, spec.layers, alpha, temperature, lr,
+                                                                steps, args.student_layers, seeds[:1])
+    mean = lambda key: statistics.mean(v[key] for v in per_domain.values())  # noqa: E731
     summary = {
         "command": "python bench/bench_kd.py " + " ".join(sys.argv[1:]), "device": "cpu", "threads": 1,
-        "load_avg_1_5_15": [round(x, 2) for x in uptime], "spec": dataclasses.asdict(spec), "spec_fp": spec.fp(),
+        "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()], "spec": dataclasses.asdict(spec), "spec_fp": spec.fp(),
         "setup": {k: setup[k] for k in ("setup_s", "cached", "teacher_rows", "teacher_heldout")},
         "steps": steps, "seeds": list(seeds), "teacher_steps": spec.teacher_steps, "batch_size": 8, "alpha": alpha,
-        "temperature": temperature, "lr": lr, "kept_layers": kd["kept_layers"], "per_domain": per_domain,
+        "temperature": temperature, "lr": lr, "augment": kd_aug, "ce_on_new_rows": args.ce_on_new_rows,
+        "ce_lrs": sorted({*CE_LRS, lr}), "kept_layers": head["kept_layers"],
+        "per_domain": per_domain,
         "gap_closed_min": min((v["gap_closed"] for v in per_domain.values() if v["gap_closed"] is not None), default=None),
         "timing": timing, "sweep": sweep, "total_s": round(time.perf_counter() - t_start, 1),
         "targets": {"gap_closed": TARGET_GAP, "kd_over_ce_step_time": TARGET_RATIO},
-        # Flat keys kept for bench/run_all.py: domain-averaged losses and median step times.
-        "teacher_heldout_loss": statistics.mean(ce["teacher"].values()),
-        "ce_heldout_loss": statistics.mean(ce["student"].values()),
-        "kd_heldout_loss": statistics.mean(kd["student"].values()),
+        # Flat keys kept for bench/run_all.py: domain-averaged losses (CE at its best lr) and step-time ratios.
+        "teacher_heldout_loss": mean("teacher"), "ce_heldout_loss": mean("ce"), "kd_heldout_loss": mean("kd"),
         "kd_over_ce_step_time": timing["ratio_wall"]["median"],
         "kd_over_ce_step_time_p10": timing["ratio_wall"]["min"],
         "kd_over_ce_step_cpu_time": timing["ratio_cpu"]["median"],
-        "runs": {m: {"alpha": a, "step_time_s": timing[m]["wall"]["median"], "step_cpu_time_s": timing[m]["cpu"]["median"],
-                     "per_dataset": r["student"], "seconds": r["seconds"]}
-                 for m, a, r in (("ce", 0.0, ce), ("kd", alpha, kd))},
     }
     summary["gap_closed"] = gap_closed(summary["ce_heldout_loss"], summary["kd_heldout_loss"],
                                        summary["teacher_heldout_loss"])
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "bench_kd.json").write_text(json.dumps(summary, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2))
     print(table(summary))
 
 
@@ -374,17 +329,34 @@ def seed_mean(rs: list[dict]) -> dict:
             "seconds": statistics.mean(r["seconds"] for r in rs)}
 
 
-def run_sweep(get, steps: int) -> list[dict]:
-    """A few principled settings; each KD run is compared with a CE run at the same lr and steps."""
-    grid = [(a, 1.0, 1e-3, steps) for a in (0.5, 0.9, 1.0)]
-    grid += [(1.0, 2.0, 1e-3, steps), (0.9, 1.0, 3e-3, steps), (1.0, 1.0, 3e-3, steps), (0.9, 1.0, 3e-3, 2 * steps)]
-    rows = []
-    for alpha, t, lr, n in grid:
-        ce, kd = get(0.0, 1.0, lr, n), get(alpha, t, lr, n)
-        rows.append({"alpha": alpha, "temperature": t, "lr": lr, "max_steps": n,
-                     **{f"gap_{d}": gap_closed(ce["student"][d], kd["student"][d], ce["teacher"][d]) for d in DATASETS},
-                     "ce": ce["student"], "kd": kd["student"], "teacher": ce["teacher"]})
-    return rows
+def run_sweep(compare, teacher_layers: int, alpha: float, temperature: float, lr: float, steps: int, layers: int,
+              seeds) -> list[dict]:
+    """Other settings, one seed each, every one against the plain fine-tune at its best lr for the same
+    student and steps: a deeper student (the capacity question), KD's own knobs, and twice the steps."""
+    deeper = (layers or round(teacher_layers * StudentSettings().layer_ratio)) + 1
+    grid = [(f"student keeps {deeper} of {teacher_layers} layers", (alpha, temperature, lr, steps, deeper))] * (
+        deeper <= teacher_layers)
+    grid += [("alpha 1.0 (no CE term)", (1.0, temperature, lr, steps, layers)),
+            ("alpha 0.5", (0.5, temperature, lr, steps, layers)),
+            ("T 2", (alpha, 2.0, lr, steps, layers)),
+            ("KD lr 3e-3", (alpha, temperature, 3e-3, steps, layers)),
+            (f"{2 * steps} steps", (alpha, temperature, lr, 2 * steps, layers))]
+    return [{"label": label, **compare(*knobs, seeds)} for label, knobs in grid]
+
+
+def _ce_at(v: dict, steps: int) -> str:
+    """The plain fine-tune's winning lr, and its steps when it stopped early."""
+    n = v.get("ce_steps", steps)
+    return f"lr {v['ce_lr']:g}" + (f", {n} steps" if n != steps else "")
+
+
+def _aug_text(a: dict) -> str:
+    parts = []
+    if a.get("augment"):
+        parts.append(f"{a['augment']} perturbed copies of each, p={a['augment_p']}")
+    if a.get("augment_samples"):
+        parts.append(f"{a['augment_samples']} samples from each one's first tokens at T={a['augment_temperature']}")
+    return "extract.augment*: " + "; ".join(parts)
 
 
 def _pct(x: float | None) -> str:
@@ -393,22 +365,29 @@ def _pct(x: float | None) -> str:
 
 def table(s: dict) -> str:
     t, pd = s["timing"], s["per_domain"]
-    lines = [f"KD vs CE: {s['steps']} steps x batch {s['batch_size']}, student seeds {s['seeds']} (losses averaged), lr {s['lr']}, alpha {s['alpha']}, "
-             f"T {s['temperature']}, k={s['spec']['top_k']} + tail; student = teacher layers {s['kept_layers']} "
-             f"of {s['spec']['layers']}; {s['spec']['distill_sequences']} distill sequences x {s['spec']['seq_len']} "
-             f"tokens per domain; load avg {s['load_avg_1_5_15']}", "",
-             "| domain | teacher | CE student | KD student | CE-teacher gap (nats) | gap closed by KD | target |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"KD vs plain fine-tune (CE): {s['steps']} steps x batch {s['batch_size']}, student seeds {s['seeds']} (losses "
+             f"averaged); KD: alpha {s['alpha']}, T {s['temperature']}, lr {s['lr']}, k={s['spec']['top_k']} + tail; CE: "
+             f"the best of lr {s['ce_lrs']} (and of {DistillSettings().max_steps} steps when KD takes more) per "
+             f"domain; student = teacher layers {s['kept_layers']} of "
+             f"{s['spec']['layers']}; teacher trained {s['teacher_steps']} steps; {s['spec']['distill_sequences']} distill "
+             f"sequences x {s['spec']['seq_len']} tokens per domain"
+             + (f"; the KD student also learns on the teacher's new rows near them ({_aug_text(s['augment'])})"
+                if s.get("augment") else "") + ("; the plain fine-tune learns on them too (hard labels)"
+                                                if s.get("ce_on_new_rows") else "")
+             + f"; load avg {s['load_avg_1_5_15']}", "",
+             "| domain | teacher | CE student (best lr, steps) | KD student | CE-teacher gap (nats) | gap closed by KD | target "
+             "| CE at KD's lr: loss, gap closed |", "|---|---|---|---|---|---|---|---|"]
     for d, v in pd.items():
         ok = v["gap_closed"] is not None and v["gap_closed"] >= TARGET_GAP
         per_seed = [x for x in v["gap_closed_per_seed"] if x is not None]
         spread = (f" (per seed {', '.join(_pct(x) for x in per_seed)}; sd {statistics.stdev(per_seed):.1%})"
                   if len(per_seed) > 1 else "")
-        lines.append(f"| {d} | {v['teacher']:.4f} | {v['ce']:.4f} | {v['kd']:.4f} | {v['gap_nats']:.4f} | "
-                     f"{_pct(v['gap_closed'])}{spread} | >= 85% ({'meets' if ok else 'MISSES'}) |")
+        lines.append(f"| {d} | {v['teacher']:.4f} | {v['ce']:.4f} ({_ce_at(v, s['steps'])}) | {v['kd']:.4f} | {v['gap_nats']:.4f} | "
+                     f"{_pct(v['gap_closed'])}{spread} | >= 85% ({'meets' if ok else 'MISSES'}) | "
+                     f"{v['ce_same_lr']:.4f}, {_pct(v['gap_closed_same_lr'])} |")
     for m, v in pd[ARITH]["lines"].items():
         lines.append(f"| {ARITH}, {m} lines only | {v['teacher']:.4f} | {v['ce']:.4f} | {v['kd']:.4f} | "
-                     f"{v['ce'] - v['teacher']:.4f} | {_pct(v['gap_closed'])} | (diagnostic) |")
+                     f"{v['ce'] - v['teacher']:.4f} | {_pct(v['gap_closed'])} | (diagnostic) | |")
     lines += ["", "| step time (1 thread, interleaved, %d pairs) | CE median [min, max] ms | KD median [min, max] ms "
               "| KD/CE median of pair ratios [min, max] | target |" % t["pairs"], "|---|---|---|---|---|"]
     for clock in ("cpu", "wall"):
@@ -418,19 +397,13 @@ def table(s: dict) -> str:
                      f"{k['median'] * 1e3:.1f} [{k['min'] * 1e3:.1f}, {k['max'] * 1e3:.1f}] | {r['median']:.3f}x "
                      f"[{r['min']:.2f}, {r['max']:.2f}] | <= 1.10x ({ok}) |")
     if s.get("sweep"):
-        lines += ["", "| domain | best CE of all runs | default KD: gap closed vs best CE | best KD of all runs | "
-                  "best KD vs best CE | best KD - teacher (nats) |", "|---|---|---|---|---|---|"]
-        for d, v in pd.items():
-            lines.append(f"| {d} | {v['best_ce']:.4f} | {_pct(v['default_kd_vs_best_ce'])} | {v['best_kd']:.4f} | "
-                         f"{_pct(v['best_kd_vs_best_ce'])} | {v['best_kd'] - v['teacher']:.4f} |")
-        lines += ["", "Settings (each KD run vs a CE run at the same lr and steps; held-out loss CE -> KD, teacher in the "
-                  "header):", "",
-                  "| alpha | T | lr | steps | " + " | ".join(f"{d} (teacher {s['per_domain'][d]['teacher']:.3f}): CE -> KD, "
-                                                         "gap closed" for d in DATASETS) + " |",
-                  "|---|---|---|---|" + "---|" * len(DATASETS)]
+        lines += ["", f"Other settings (seed {s['seeds'][0]}; each KD run against the plain fine-tune at its best lr for the "
+                  "same student and steps; held-out loss CE (lr) -> KD, share of the gap closed):", "",
+                  "| setting | student layers | " + " | ".join(DATASETS) + " |", "|---|---|" + "---|" * len(DATASETS)]
         for r in s["sweep"]:
-            lines.append(f"| {r['alpha']} | {r['temperature']} | {r['lr']} | {r['max_steps']} | " + " | ".join(
-                f"{r['ce'][d]:.4f} -> {r['kd'][d]:.4f}, {_pct(r[f'gap_{d}'])}" for d in DATASETS) + " |")
+            lines.append(f"| {r['label']} | {r['kept_layers']} | " + " | ".join(
+                f"{v['ce']:.4f} ({_ce_at(v, r['steps'])}) -> {v['kd']:.4f} (teacher {v['teacher']:.4f}), {_pct(v['gap_closed'])}"
+                for v in (r["domains"][d] for d in DATASETS)) + " |")
     lines.append(f"\n{s['command']}: {s['total_s']} s (setup {s['setup']['setup_s']} s, cached={s['setup']['cached']})")
     return "\n".join(lines)
 

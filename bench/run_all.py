@@ -43,6 +43,10 @@ def _args(quick: bool) -> dict[str, tuple[list[str], str, str]]:
                     "bench_extract.json", "Extraction: storage and throughput"),
         "kd": (["bench_kd.py", *(["--quick"] if q else [])], "bench_kd.json",
                "KD vs cross-entropy"),
+        "kd_augment": (["bench_kd.py", "--augment", "2" if q else "16", "--augment-samples", "1" if q else "8",
+                        "--steps", "40" if q else "800", "--no-sweep", "--json", "bench/out/bench_kd_augment.json",
+                        *(["--quick"] if q else [])], "bench_kd_augment.json",
+                       "KD with teacher-guided augmentation vs cross-entropy"),
         "sli": (["bench_sli.py", "--json", str(OUT / "bench_sli.json")], "bench_sli.json",
                 "SLI vs full load"),
         "xtok": (["bench_xtok.py", *(["--quick"] if q else [])], "xtok.json",
@@ -129,8 +133,8 @@ def _scale(r):
     return render(r)
 
 
-TABLES = {"replay": _replay, "queue": _queue, "resume": _resume, "extract": _extract, "kd": _kd, "sli": _sli,
-          "xtok": _xtok, "scale": _scale}
+TABLES = {"replay": _replay, "queue": _queue, "resume": _resume, "extract": _extract, "kd": _kd, "kd_augment": _kd,
+          "sli": _sli, "xtok": _xtok, "scale": _scale}
 
 
 # Running and writing ---------------------------------------------------------------------

@@ -21,11 +21,11 @@ import structlog
 import torch
 from safetensors import safe_open
 
+from nexus_core import align, augment
 from nexus_core.atomic import sha256_file
 from nexus_core.config import Settings
 from nexus_core.data import DatasetRef
 from nexus_core.errors import CorruptArtifactError, PlanMismatchError
-from nexus_core import align
 from nexus_core.kd_loss import AlignedTargets, TeacherTargets
 from nexus_core.paths import Paths
 from nexus_core.plan import DistillPlan
@@ -124,9 +124,12 @@ def _read_manifest(folder: Path) -> dict:
         raise CorruptArtifactError(f"shards {mpath}: unreadable manifest ({exc}); delete {folder} and rerun extract") from None
 
 
-def verify_source(cfg: Settings, paths: Paths, teacher: Teacher, dataset: str, tokenizer_fp: str | None) -> Source:
-    """Check one teacher's shards for one dataset against the plan; raise naming the bad shard."""
+def verify_source(cfg: Settings, paths: Paths, teacher: Teacher, dataset: str, tokenizer_fp: str | None,
+                  augmented: bool = False) -> Source:
+    """Check one teacher's shards for one dataset (or their perturbed copies, augment.py) against the
+    plan; raise naming the bad shard."""
     folder = paths.shard_dir(teacher.teacher_id, DatasetRef.parse(dataset).slug)
+    folder = augment.folder(folder) if augmented else folder
     m = _read_manifest(folder)
     where = f"shards {folder}"
     redo = f"; delete {folder} (or `nexus reset`) and rerun extract"
@@ -134,6 +137,8 @@ def verify_source(cfg: Settings, paths: Paths, teacher: Teacher, dataset: str, t
         raise PlanMismatchError(f"{where}: extraction is not complete; rerun extract to finish it")
     expect = {"teacher_id": teacher.teacher_id, "teacher_fp": teacher.fingerprint(), "dataset": dataset,
               "k": cfg.extract.top_k, "seq_len": cfg.extract.seq_len}
+    if augmented:
+        expect["augment"] = augment.settings(cfg.extract)
     if tokenizer_fp:
         expect["tokenizer_fp"] = tokenizer_fp
     for key, want in expect.items():
@@ -212,6 +217,12 @@ def open_streams(cfg: Settings, plan: DistillPlan, paths: Paths) -> tuple[list[S
                 continue
             xtok.attach(made[0], src, dom)  # made[0] holds the primary's rows when it has this dataset
         streams.extend(made)
+    if augment.wanted(cfg.extract):  # each teacher's new rows: a stream of its own (their rows differ per teacher)
+        for teacher, dataset in plan.extractions():
+            if fps.get(teacher.teacher_id) in (None, primary_fp):  # no text spans: no cross-tokenizer alignment
+                src = verify_source(cfg, paths, teacher, dataset, fps.get(teacher.teacher_id), augmented=True)
+                streams.append(Stream(dataset, [src]))
+                usage[teacher.teacher_id]["domains"][dataset]["augmented_sequences"] = src.n
     for tid, u in usage.items():
         for d, dom in u["domains"].items():
             dom.setdefault("used", True)

@@ -283,8 +283,9 @@ def render(data: dict, plots: dict, plot_error: str | None = None) -> str:
             L.append("| " + " | ".join(row) + " |")
         L += ["", "Mean next-token cross-entropy (nats/token) on each dataset's held-out split, which extraction "
                   "and distillation never saw." + (" CE baseline: the same student trained for the same steps on the "
-                                                   "same rows with cross-entropy alone; KD gap closed = (CE - KD) / "
-                                                   "(CE - best teacher)." if has_ce else
+                                                   "same rows with cross-entropy alone, at the same learning rate "
+                                                   "(not tuned for it: bench/bench_kd.py compares KD with its best "
+                                                   "lr); KD gap closed = (CE - KD) / (CE - best teacher)." if has_ce else
                                                    " No CE-only baseline was trained in this run, so that bar is "
                                                    "omitted (`nexus run --demo` trains one)."), ""]
         L += _img(plots, "domains", "held-out loss per domain")

@@ -58,3 +58,21 @@ def test_scale_quick_runs_real_workers_and_projects(tmp_path):
     assert [x["workers"] for x in r["projection"]["rows"]] == [1, 2, 4, 8]
     text = out.read_text()
     assert "<!-- bench:scale -->" in text and "byte-identical: **yes**" in text and "Projection" in text
+
+
+def test_bench_kd_quick_compares_kd_with_the_best_plain_fine_tune(tmp_path):
+    """bench_kd --quick through the real stages: the baseline is the plain fine-tune at its best lr per
+    domain, and the share of the gap follows from the losses it reports."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    out = tmp_path / "bench_kd.json"
+    p = subprocess.run([sys.executable, "bench/bench_kd.py", "--quick", "--timing-pairs", "3", "--json", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    r = json.loads(out.read_text())
+    assert r["ce_lrs"] == [1e-4, 3e-4, 1e-3] and r["steps"] == 20
+    for d, v in r["per_domain"].items():
+        assert v["ce_lr"] in r["ce_lrs"] and v["ce"] <= v["ce_same_lr"]  # the best lr is at least as good
+        gap = v["ce"] - v["teacher"]
+        assert v["gap_closed"] == (None if gap <= 0 else pytest.approx((v["ce"] - v["kd"]) / gap))
+        assert d in p.stdout
+    assert r["timing"]["pairs"] == 3 and r["kd_over_ce_step_time"] > 0

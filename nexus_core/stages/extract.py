@@ -15,22 +15,23 @@ import math
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from nexus_core import align, data, shards
+from nexus_core import align, augment, data, shards
 from nexus_core.config import UNFINGERPRINTED, Settings
 from nexus_core.data import DatasetRef
 from nexus_core.errors import ConfigError, DatasetError, DiskFullError, NexusError, StageInterrupted
 from nexus_core.paths import Paths
 from nexus_core.registry import Teacher
 from nexus_core.stages.context import Control, StageContext, StageResult
+from nexus_core.stages.extract_quality import heldout_quality, kept_mass, logit_positions
 from nexus_core.teacher import load_tokenizer, open_runner, tokenizer_fingerprint, tokenizer_vocab
 
+AUGMENT_KEYS = ("augment", "augment_p", "augment_samples", "augment_temperature")
 LOG_EPS = math.log(1e-30)  # tail_logmass floor when the top-k holds (numerically) all the mass
-LOGIT_CHUNK_BYTES = 32 << 20  # float32 logits alive at once when extract.logit_chunk is 0 (auto)
 
 
 def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Paths,
@@ -61,38 +62,15 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
         ids, mask = data.pack(tok, train, ex.seq_len, ex.max_samples)  # (n, T) int32 / uint8
         cs = ce = None
     hidden_layers = sorted(profile["critical_layers"]) if ex.save_hidden else []
-    n, S = ids.shape[0], ex.shard_size
-    n_shards = (n + S - 1) // S
-    r, R = part
-    lo, hi = shards.shard_block(r, R, n_shards)
-
-    # 2. Resume: keep every verified shard of this job's block (an earlier run's, whatever its R).
     out_dir = paths.shard_dir(teacher.teacher_id, dataset.slug)
     base = {"version": shards.MANIFEST_VERSION, "teacher_id": teacher.teacher_id,
             "teacher_fp": profile["teacher_fp"], "dataset": dataset.key, "tokenizer_fp": tok_fp,
             "mode": profile["mode"], "k": ex.top_k, "seq_len": ex.seq_len, "hidden_layers": hidden_layers,
             "tokenizer_vocab": real_vocab, "settings_fp": _settings_fp(cfg, hidden_layers),
             "offsets": cs is not None, "text_fp": align.text_fingerprint(train),
-            "data_fp": hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()[:16],
-            "shard_size": S, "planned_shards": n_shards, "planned_sequences": n,
-            "documents": {"train": len(train), "heldout": len(heldout)}}
-    claim = shards.claim(out_dir, base, lo, hi, part)
-    todo = [s for s in range(lo, hi) if s not in claim.records]
-    resume = todo[0] if todo else hi
-    ctx.started(resume_shard=resume, **({"part": [r, R], "shard_range": [lo, hi]} if R > 1 else {}))
-
-    # 3. Disk: refuse to start when the remaining shards cannot fit.
-    H = int(profile["hidden"])
-    per_seq = ex.seq_len * (4 + 1 + 6 * ex.top_k + 4 + 2 * H * len(hidden_layers) + (16 if cs is not None else 0))
-    need = sum(min(n, (s + 1) * S) - s * S for s in todo) * per_seq + len(todo) * 8192 + (1 << 16)
-    free = shards.free_bytes_for(out_dir)
-    if todo and free < need:
-        raise DiskFullError(f"extract {teacher.teacher_id} on {dataset}: needs about {need} bytes ({need / 1e6:.1f} MB) "
-                            f"free in {out_dir} for {len(todo)} shard(s), only {free} bytes free; free some space "
-                            f"or lower --extract-max-samples")
-
-    # 4. Extract shard by shard; batches never cross a shard boundary (resume-exact). The teacher
-    #    is opened on first use: a finished block needs it only when this job measures quality.
+            "data_fp": _data_fp(ids, mask), "shard_size": ex.shard_size, "documents": {"train": len(train),
+                                                                                  "heldout": len(heldout)}}
+    # The teacher is opened on first use: a finished block needs it only when this job measures quality.
     device = cfg.resolved_device()
     dtype = getattr(torch, profile["dtype"]) if profile.get("device") == device else None  # as profiled
     opened = []
@@ -102,52 +80,130 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
             opened.append(open_runner(teacher, profile["mode"], device, dtype, memory_budget_bytes=_budget(cfg)))
         return opened[0]
 
-    writer = claim.writer
-    oom_batches = _oom_batches(cfg.faults.oom_at_batches)
-    per_shard = (S + ex.batch_size - 1) // ex.batch_size
+    def quality():
+        with _deterministic():
+            return heldout_quality(runner(), tok, heldout, ex, real_vocab)
+
+    rows = _Rows(ids, mask, cs, ce, hidden_layers, real_vocab, tok_fp, int(profile["hidden"]))
     try:
-        if todo:
-            runner()  # loaded before the clock starts: tokens_per_s is the shard loop's rate
-        t0, tokens_done = time.perf_counter(), 0
-        with _deterministic(), _progress_bar(hi - lo, hi - lo - len(todo)) as bar:
-            for done, s in enumerate(todo, start=hi - lo - len(todo) + 1):
-                parts, shard_skipped = [], []
-                for j, b0 in enumerate(range(s * S, min(n, (s + 1) * S), ex.batch_size)):
-                    _obey(ctx, ctx.poll(), done - 1, hi - lo, writer.manifest_path)
-                    b1 = min(b0 + ex.batch_size, (s + 1) * S, n)
-                    batch_no = s * per_shard + j
-                    part_, skipped, ooms = _batch_with_oom(runner(), ids, mask, b0, b1, batch_no, oom_batches, ex,
-                                                           real_vocab, hidden_layers, device)
-                    if ooms:
-                        shard_skipped.extend(skipped)
-                        ctx.oom_recovered(batch=batch_no, skipped=skipped, splits=ooms, stage="extract")
-                    if part_:
-                        parts.append(part_)
-                    tokens_done += int(mask[b0:b1].sum())
-                if not parts:
-                    raise NexusError(f"extract {teacher.teacher_id} on {dataset}: every sequence of shard {s} ran out of "
-                                     f"memory; lower --extract-seq-len or use --sli always")
-                tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-                if cs is not None:  # spans of the rows kept (OOM-skipped rows are not in the shard)
-                    kept_rows = [i for i in range(s * S, min(n, (s + 1) * S)) if i not in set(shard_skipped)]
-                    tensors["char_start"], tensors["char_end"] = cs[kept_rows], ce[kept_rows]
-                writer.add(tensors, {"format": "pt", "teacher_id": teacher.teacher_id, "dataset": dataset.key,
-                                     "shard": s, "k": ex.top_k, "seq_len": ex.seq_len, "tokenizer_fp": tok_fp},
-                           index=s, skipped=shard_skipped)
-                rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
-                bar(done, rate)
-                ctx.progress(shard=done, shards=hi - lo, tokens=tokens_done, tokens_per_s=round(rate, 1))
-        loop_s = time.perf_counter() - t0
-
-        # 5. The block is done; the last job of the dataset writes manifest.json (one job: always).
-        def quality():
+        result = _extract_rows(cfg, teacher, dataset, ctx, runner, rows, out_dir, base, part, quality)
+        real = shards.read_manifest(out_dir) if (out_dir / shards.MANIFEST).exists() else {}
+        a_fp, a_dir = _settings_fp(cfg, hidden_layers, augment=True), augment.folder(out_dir)
+        if augment.wanted(ex) and real.get("complete") and not _finished(a_dir, a_fp, real):
+            # The job that completes the dataset adds the new rows (made again on a resume: deterministic).
             with _deterministic():
-                return heldout_quality(runner(), tok, heldout, ex, real_vocab)
-
-        merged = _merge(claim, out_dir, base, part, n_shards, quality)
+                a_ids, a_mask, a_base = augment.new_rows(out_dir, real, base, ex, runner, real_vocab)
+            a_rows = _Rows(a_ids, a_mask, None, None, hidden_layers, real_vocab, tok_fp, rows.hidden_size)
+            a_base.update(data_fp=_data_fp(a_ids, a_mask), settings_fp=a_fp)
+            a_res = _extract_rows(cfg, teacher, dataset, ctx, runner, a_rows, a_dir, a_base, (0, 1),
+                                  lambda: real.get("heldout_quality"), announce=False)
+            result.artifacts.extend(a_res.artifacts)
+            result.data["augmented"] = {k: a_res.data[k] for k in ("sequences", "tokens", "resume_shard")}
     finally:
         for opened_runner in opened:
             opened_runner.close()
+    return result
+
+
+def _finished(a_dir: Path, settings_fp: str, real: dict) -> bool:
+    """The new rows of these settings and these real rows are all extracted and intact."""
+    try:
+        m = shards.read_manifest(a_dir)
+    except NexusError:
+        return False
+    return (bool(m.get("complete")) and m.get("settings_fp") == settings_fp and m.get("augment_of") == real["data_fp"]
+            and m.get("teacher_fp") == real["teacher_fp"] and shards.verify_shards(a_dir) == [])
+
+
+def _data_fp(ids: torch.Tensor, mask: torch.Tensor) -> str:
+    return hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class _Rows:
+    """The packed rows one pass extracts (the dataset's, or augment.py's new ones) and what their shards record."""
+
+    ids: torch.Tensor  # (n, T) int32
+    mask: torch.Tensor  # (n, T) uint8
+    cs: torch.Tensor | None  # (n, T) character spans of the tokens; None without text
+    ce: torch.Tensor | None
+    hidden_layers: list[int]
+    real_vocab: int
+    tok_fp: str
+    hidden_size: int
+
+
+def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: StageContext, runner, rows: _Rows,
+                  out_dir: Path, base: dict, part: tuple[int, int], quality, announce: bool = True) -> StageResult:
+    """Targets for `rows` into `out_dir`: this job's block of shards, resumed from the verified ones,
+    and manifest.json when this job completes the folder."""
+    ex = cfg.extract
+    ids, mask, cs, ce, hidden_layers, real_vocab = rows.ids, rows.mask, rows.cs, rows.ce, rows.hidden_layers, rows.real_vocab
+    n, S = ids.shape[0], ex.shard_size
+    n_shards = (n + S - 1) // S
+    base = {**base, "planned_shards": n_shards, "planned_sequences": n}
+    r, R = part
+    lo, hi = shards.shard_block(r, R, n_shards)
+
+    # 2. Resume: keep every verified shard of this job's block (an earlier run's, whatever its R).
+    claim = shards.claim(out_dir, base, lo, hi, part)
+    todo = [s for s in range(lo, hi) if s not in claim.records]
+    resume = todo[0] if todo else hi
+    if announce:
+        ctx.started(resume_shard=resume, **({"part": [r, R], "shard_range": [lo, hi]} if R > 1 else {}))
+    else:
+        ctx.progress(augment_shards=hi - lo, resume_shard=resume)
+
+    # 3. Disk: refuse to start when the remaining shards cannot fit.
+    H = rows.hidden_size
+    per_seq = ex.seq_len * (4 + 1 + 6 * ex.top_k + 4 + 2 * H * len(hidden_layers) + (16 if cs is not None else 0))
+    need = sum(min(n, (s + 1) * S) - s * S for s in todo) * per_seq + len(todo) * 8192 + (1 << 16)
+    free = shards.free_bytes_for(out_dir)
+    if todo and free < need:
+        raise DiskFullError(f"extract {teacher.teacher_id} on {dataset}: needs about {need} bytes ({need / 1e6:.1f} MB) "
+                            f"free in {out_dir} for {len(todo)} shard(s), only {free} bytes free; free some space "
+                            f"or lower --extract-max-samples")
+
+    # 4. Extract shard by shard; batches never cross a shard boundary (resume-exact).
+    device = cfg.resolved_device()
+    writer = claim.writer
+    oom_batches = _oom_batches(cfg.faults.oom_at_batches)
+    per_shard = (S + ex.batch_size - 1) // ex.batch_size
+    if todo:
+        runner()  # loaded before the clock starts: tokens_per_s is the shard loop's rate
+    t0, tokens_done = time.perf_counter(), 0
+    with _deterministic(), _progress_bar(hi - lo, hi - lo - len(todo)) as bar:
+        for done, s in enumerate(todo, start=hi - lo - len(todo) + 1):
+            parts, shard_skipped = [], []
+            for j, b0 in enumerate(range(s * S, min(n, (s + 1) * S), ex.batch_size)):
+                _obey(ctx, ctx.poll(), done - 1, hi - lo, writer.manifest_path)
+                b1 = min(b0 + ex.batch_size, (s + 1) * S, n)
+                batch_no = s * per_shard + j
+                part_, skipped, ooms = _batch_with_oom(runner(), ids, mask, b0, b1, batch_no, oom_batches, ex,
+                                                       real_vocab, hidden_layers, device)
+                if ooms:
+                    shard_skipped.extend(skipped)
+                    ctx.oom_recovered(batch=batch_no, skipped=skipped, splits=ooms, stage="extract")
+                if part_:
+                    parts.append(part_)
+                tokens_done += int(mask[b0:b1].sum())
+            if not parts:
+                raise NexusError(f"extract {teacher.teacher_id} on {dataset}: every sequence of shard {s} ran out of "
+                                 f"memory; lower --extract-seq-len or use --sli always")
+            tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            if cs is not None:  # spans of the rows kept (OOM-skipped rows are not in the shard)
+                kept_rows = [i for i in range(s * S, min(n, (s + 1) * S)) if i not in set(shard_skipped)]
+                tensors["char_start"], tensors["char_end"] = cs[kept_rows], ce[kept_rows]
+            writer.add(tensors, {"format": "pt", "teacher_id": teacher.teacher_id, "dataset": dataset.key,
+                                 "shard": s, "k": ex.top_k, "seq_len": ex.seq_len, "tokenizer_fp": rows.tok_fp},
+                       index=s, skipped=shard_skipped)
+            rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
+            bar(done, rate)
+            ctx.progress(shard=done, shards=hi - lo, tokens=tokens_done, tokens_per_s=round(rate, 1))
+    loop_s = time.perf_counter() - t0
+
+    # 5. The block is done; the last job of the dataset writes manifest.json (one job: always).
+    merged = _merge(claim, out_dir, base, part, n_shards, quality)
     records = claim.writer.manifest["shards"] if claim.writer else list(claim.records.values())
     own = [rec for rec in records if lo <= shards.shard_index(rec["file"]) < hi]
     return _result(out_dir, own, merged, part, (lo, hi), resume, tokens_done, loop_s)
@@ -192,15 +248,6 @@ def _batch_start(batch_no: int, ex) -> int:
     per_shard = (ex.shard_size + ex.batch_size - 1) // ex.batch_size
     s, j = divmod(batch_no, per_shard)
     return s * ex.shard_size + j * ex.batch_size
-
-
-def logit_positions(ex, vocab: int) -> int:
-    """Positions per full-vocabulary logits chunk: `extract.logit_chunk`, or (0) as many as fit in
-    LOGIT_CHUNK_BYTES of float32 logits, so that the chunk stays small beside SLI's two resident layers
-    (4,096 positions of a 152k vocabulary would be 2.4 GiB)."""
-    if ex.logit_chunk > 0:
-        return ex.logit_chunk
-    return max(1, min(4096, LOGIT_CHUNK_BYTES // (4 * max(vocab, 1))))
 
 
 def topk_targets(logits_fn, flat: torch.Tensor, k: int, real_vocab: int, chunk: int):
@@ -275,14 +322,14 @@ def _merge(claim: shards.Claim, out_dir: Path, base: dict, part: tuple[int, int]
             records = shards.ready_records(out_dir, base, R, n_shards)
         if records is None:
             return None
-    kept_mass = _kept_mass([out_dir / rec["file"] for rec in records])
+    mass = kept_mass([out_dir / rec["file"] for rec in records])
     old = claim.finished  # same inputs, same held-out figures: no need to load the teacher again
     heldout = old["heldout_quality"] if old is not None and "heldout_quality" in old else quality()
     with shards.dir_lock(out_dir):
         if R > 1 and shards.ready_records(out_dir, base, R, n_shards) != records:
             return None  # a block was restarted meanwhile: its job merges when it ends
         return shards.write_merged(out_dir, base, records, total_sequences=sum(rec["sequences"] for rec in records),
-                                   kept_mass=kept_mass, heldout_quality=heldout,
+                                   kept_mass=mass, heldout_quality=heldout,
                                    skipped_sequences=[i for rec in records for i in rec.get("skipped", [])])
 
 
@@ -301,60 +348,6 @@ def _result(out_dir: Path, own: list[dict], merged: dict | None, part: tuple[int
     return StageResult(artifacts=artifacts, data=data)
 
 
-HELDOUT_QUALITY_SEQUENCES = 16
-
-
-@torch.no_grad()
-def heldout_quality(runner, tok, heldout: list[str], ex, real_vocab: int) -> dict | None:
-    """The teacher's next-token loss on the dataset's held-out split, per token and per character.
-
-    Per character (nats/char) is what distill compares across teachers with different tokenizers
-    (a coarser tokenizer has a higher per-token loss for the same knowledge); it sets each
-    teacher's per-domain weight. None when there is no held-out text or no offset mapping.
-    """
-    if not heldout:
-        return None
-    try:
-        ids, mask, cs, ce = align.pack_with_offsets(tok, heldout, ex.seq_len, HELDOUT_QUALITY_SEQUENCES)
-    except (NotImplementedError, DatasetError):
-        return None
-    nll, tokens, chars = 0.0, 0, 0
-    for b0 in range(0, ids.shape[0], ex.batch_size):
-        x, m = ids[b0:b0 + ex.batch_size], mask[b0:b0 + ex.batch_size]
-        h = runner.forward(x, m).final_hidden  # (b, T, H)
-        b, T, H = h.shape
-        tgt = torch.zeros(b, T, dtype=torch.long)
-        tgt[:, :-1] = x[:, 1:].long()  # position t predicts token t+1 (row-local)
-        real = torch.zeros(b, T, dtype=torch.bool)
-        real[:, :-1] = (m[:, :-1] * m[:, 1:]).bool()
-        width = torch.zeros(b, T, dtype=torch.long)
-        width[:, :-1] = (ce[b0:b0 + b, 1:] - cs[b0:b0 + b, 1:]).clamp(min=0)  # chars the target token covers
-        flat, tf, rf = h.reshape(b * T, H), tgt.view(-1), real.view(-1)
-        chunk = logit_positions(ex, real_vocab)
-        for p0 in range(0, b * T, chunk):
-            z = runner.logits(flat[p0:p0 + chunk].unsqueeze(0)).squeeze(0)[:, :real_vocab].float()
-            lp = z.log_softmax(-1).gather(-1, tf[p0:p0 + chunk, None].to(z.device)).squeeze(-1).cpu()
-            nll -= float(lp[rf[p0:p0 + chunk]].double().sum())
-        tokens += int(real.sum())
-        chars += int(width[real].sum())
-    if tokens == 0 or chars == 0:
-        return None
-    return {"loss": round(nll / tokens, 6), "loss_per_char": round(nll / chars, 6), "tokens": tokens, "chars": chars}
-
-
-def _kept_mass(files: list[Path]) -> dict:
-    """Mean and 5th percentile over real tokens of the probability mass the top-k keeps."""
-    vals = []
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            m = st.get_tensor("attention_mask").bool()
-            vals.append(-torch.expm1(st.get_tensor("tail_logmass")[m].double()))  # 1 - exp(tail)
-    if not vals:
-        return {"mean": None, "p5": None}
-    v = torch.cat(vals)
-    return {"mean": round(float(v.mean()), 6), "p5": round(float(torch.quantile(v.float(), 0.05)), 6)}
-
-
 def _load_profile(paths: Paths, teacher: Teacher) -> dict:
     path = paths.profile(teacher.teacher_id)
     if not path.is_file():
@@ -365,10 +358,12 @@ def _load_profile(paths: Paths, teacher: Teacher) -> dict:
         raise NexusError(f"{path}: unreadable profile ({exc}); delete it and rerun the profile stage") from None
 
 
-def _settings_fp(cfg: Settings, hidden_layers: list[int]) -> str:
+def _settings_fp(cfg: Settings, hidden_layers: list[int], augment: bool = False) -> str:
     """What the shard contents depend on (logit_chunk only bounds memory and ranges only splits the
-    work, so both are left out: any R writes the same manifest)."""
-    ex = {k: v for k, v in cfg.to_dict()["extract"].items() if ("extract", k) not in UNFINGERPRINTED}
+    work, so both are left out: any R writes the same manifest). The augment settings count for the
+    perturbed copies only: changing them keeps the real rows' shards."""
+    skip = UNFINGERPRINTED | (set() if augment else {("extract", k) for k in AUGMENT_KEYS})
+    ex = {k: v for k, v in cfg.to_dict()["extract"].items() if ("extract", k) not in skip}
     payload = {"extract": ex, "hidden_layers": hidden_layers, "oom_at_batches": cfg.faults.oom_at_batches}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -1,0 +1,152 @@
+"""Teacher-guided augmentation (extract.augment): perturbed copies of the rows, labelled by the teacher,
+deterministic, resumable, kept apart from the real rows, and read by distill as KD data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from nexus_core import augment, shards  # noqa: E402
+from nexus_core.errors import PlanMismatchError, StageInterrupted  # noqa: E402
+from nexus_core.kd_data import open_streams  # noqa: E402
+from nexus_core.plan import DistillPlan  # noqa: E402
+from nexus_core.stages.distill import run_distill  # noqa: E402
+from nexus_core.stages.extract import run_extract  # noqa: E402
+from test_extract import Recorder, setup_home, shard_files, teachers, tokenizer  # noqa: E402,F401
+
+SLUG = "reasoning__arith"
+
+
+def files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*")) if p.is_file()}
+
+
+def test_perturb_replaces_about_p_of_the_tokens_with_the_teachers_draws():
+    g = torch.Generator().manual_seed(0)
+    n, T, k = 64, 32, 4
+    ids = torch.randint(0, 100, (n, T), generator=g, dtype=torch.int32)
+    mask = torch.ones(n, T, dtype=torch.uint8)
+    mask[-1, 20:] = 0  # the last row is padded
+    topk_ids = torch.randint(100, 200, (n, T, k), generator=g, dtype=torch.int32)  # draws are >= 100: visible
+    topk_lp = torch.log_softmax(torch.randn(n, T, k, generator=g), -1).half()
+    a_ids, a_mask = augment.perturb(ids, mask, topk_ids, topk_lp, copies=3, p=0.25, seed=5)
+    assert a_ids.shape == (3 * n, T) and torch.equal(a_mask, mask.repeat(3, 1)) and a_ids.dtype == ids.dtype
+    again, _ = augment.perturb(ids, mask, topk_ids, topk_lp, copies=3, p=0.25, seed=5)
+    assert torch.equal(a_ids, again)  # same seed, same copies
+    other, _ = augment.perturb(ids, mask, topk_ids, topk_lp, copies=3, p=0.25, seed=6)
+    assert not torch.equal(a_ids, other)
+    changed = a_ids != ids.repeat(3, 1)
+    assert not changed[:, 0].any() and not changed[a_mask == 0].any()  # never the first token nor padding
+    assert 0.2 < float(changed[:, 1:][a_mask[:, 1:].bool()].float().mean()) < 0.3
+    # a replaced token at t is one of the teacher's top-k at t - 1 (which describes token t)
+    rows, cols = changed.nonzero(as_tuple=True)
+    prev = topk_ids.repeat(3, 1, 1)[rows, cols - 1]  # (m, k)
+    assert bool((prev == a_ids[rows, cols].unsqueeze(-1)).any(-1).all())
+
+
+def test_extract_adds_labelled_copies_keeps_real_rows_and_is_deterministic(tmp_path, teachers):
+    plain_cfg, teacher, ref, plain = setup_home(tmp_path / "plain", teachers["llama"][0])
+    run_extract(plain_cfg, teacher, ref, plain)
+    cfg, teacher, ref, paths = setup_home(tmp_path / "aug", teachers["llama"][0], extract={"augment": 2})
+    res = run_extract(cfg, teacher, ref, paths)
+    real_dir = paths.shard_dir("tiny", SLUG)
+    aug_dir = augment.folder(real_dir)
+    assert shard_files(paths) == shard_files(plain)  # the real rows' shards do not change
+    real, aug = shards.read_manifest(real_dir), shards.read_manifest(aug_dir)
+    assert aug["complete"] and aug["augment"] == {"copies": 2, "p": 0.15} and aug["augment_of"] == real["data_fp"]
+    assert aug["total_sequences"] == 2 * real["total_sequences"] and shards.verify_shards(aug_dir) == []
+    assert res.data["augmented"]["sequences"] == aug["total_sequences"] and aug_dir / "manifest.json" in res.artifacts
+    r_ids = torch.cat([load_file(real_dir / s["file"])["input_ids"] for s in real["shards"]])
+    a = {k: torch.cat([load_file(aug_dir / s["file"])[k] for s in aug["shards"]]) for k in ("input_ids", "topk_ids")}
+    changed = a["input_ids"] != r_ids.repeat(2, 1)
+    assert 0.05 < float(changed.float().mean()) < 0.3  # copies, not the same rows
+    again = tmp_path / "again"
+    cfg2, teacher2, ref2, paths2 = setup_home(again, teachers["llama"][0], extract={"augment": 2})
+    run_extract(cfg2, teacher2, ref2, paths2)
+    assert files(augment.folder(paths2.shard_dir("tiny", SLUG))) == files(aug_dir)  # bit for bit
+
+
+def test_interrupted_augmentation_resumes_and_other_settings_keep_the_real_shards(tmp_path, teachers):
+    cfg, teacher, ref, paths = setup_home(tmp_path / "ref", teachers["llama"][0], extract={"augment": 3})
+    run_extract(cfg, teacher, ref, paths)
+    want = files(augment.folder(paths.shard_dir("tiny", SLUG)))
+    n_real = len(shards.read_manifest(paths.shard_dir("tiny", SLUG))["shards"])
+    cfg, teacher, ref, paths = setup_home(tmp_path / "cut", teachers["llama"][0], extract={"augment": 3})
+    with pytest.raises(StageInterrupted):  # progress: one per real shard, the copies' start, then 2 of theirs
+        run_extract(cfg, teacher, ref, paths, ctx=Recorder(stop_after=n_real + 3))
+    aug_dir = augment.folder(paths.shard_dir("tiny", SLUG))
+    kept = sorted(p.name for p in aug_dir.glob("shard-*.safetensors"))
+    assert len(kept) == 2 and not shards.read_manifest(aug_dir).get("complete")
+    rec = Recorder()
+    run_extract(cfg, teacher, ref, paths, ctx=rec)
+    assert files(aug_dir) == want
+    assert [d["resume_shard"] for d in rec.of("progress") if "augment_shards" in d] == [len(kept)]
+    real_before = shard_files(paths)
+    cfg_p, teacher, ref, _ = setup_home(paths.home, teachers["llama"][0], extract={"augment": 3, "augment_p": 0.3})
+    run_extract(cfg_p, teacher, ref, paths)
+    assert shard_files(paths) == real_before and files(aug_dir) != want  # new copies, same real shards
+    assert shards.read_manifest(aug_dir)["augment"] == {"copies": 3, "p": 0.3}
+
+
+def test_distill_reads_each_teachers_copies_as_a_stream_and_refuses_missing_ones(tmp_path, teachers):
+    cfg, teacher, ref, paths = setup_home(tmp_path, teachers["llama"][0], extract={"augment": 2},
+                                          distill={"max_steps": 4, "batch_size": 4, "epochs": 100},
+                                          memory={"budget": "8GB"})
+    run_extract(cfg, teacher, ref, paths)
+    plan = DistillPlan(teachers=(teacher,), primary="tiny", datasets=(ref.key,))
+    streams, info = open_streams(cfg, plan, paths)
+    assert [s.n for s in streams][1] == 2 * streams[0].n and {s.dataset for s in streams} == {ref.key}
+    assert info["teacher_usage"]["tiny"]["domains"][ref.key]["augmented_sequences"] == streams[1].n
+    res = run_distill(cfg, plan, paths)
+    assert res.data["eval"][ref.key]["student"]["loss"] > 0
+    cfg_more, teacher, ref, _ = setup_home(paths.home, teachers["llama"][0], extract={"augment": 5})
+    with pytest.raises(PlanMismatchError, match="augment"):
+        open_streams(cfg_more, plan, paths)
+
+
+def test_samples_continue_each_rows_prompt_deterministically_and_are_made_once(tmp_path, teachers):
+    kw = {"augment_samples": 2, "max_samples": 6}
+    cfg, teacher, ref, paths = setup_home(tmp_path / "a", teachers["llama"][0], extract=kw)
+    assert "augmented" in run_extract(cfg, teacher, ref, paths).data
+    real_dir = paths.shard_dir("tiny", SLUG)
+    aug_dir = augment.folder(real_dir)
+    real, aug = shards.read_manifest(real_dir), shards.read_manifest(aug_dir)
+    assert aug["augment"] == {"samples": 2, "temperature": 0.8} and aug["total_sequences"] == 2 * 6
+    load = lambda d, m, k: torch.cat([load_file(d / s["file"])[k] for s in m["shards"]])  # noqa: E731
+    r_ids, a_ids = load(real_dir, real, "input_ids"), load(aug_dir, aug, "input_ids")
+    P = augment.sample_prefix(32)
+    assert torch.equal(a_ids[:, :P], r_ids[:, :P].repeat(2, 1))  # each row's prompt, twice
+    assert not torch.equal(a_ids[:6, P:], a_ids[6:, P:]) and not torch.equal(a_ids[:6, P:], r_ids[:, P:])
+    assert int(load(aug_dir, aug, "attention_mask").min()) == 1
+    cfg_b, teacher_b, ref_b, paths_b = setup_home(tmp_path / "b", teachers["llama"][0], extract=kw)
+    run_extract(cfg_b, teacher_b, ref_b, paths_b)
+    assert files(augment.folder(paths_b.shard_dir("tiny", SLUG))) == files(aug_dir)  # bit for bit
+    again = run_extract(cfg, teacher, ref, paths)
+    assert "augmented" not in again.data and files(aug_dir) == files(augment.folder(paths_b.shard_dir("tiny", SLUG)))
+
+
+def test_nexus_run_with_augmentation_end_to_end(demo_workdir, redis_conn, redis_url):
+    from nexus_core.events import read_events
+    from tests.e2e import nexus, of_type
+
+    paths = demo_workdir
+    flags = ("--extract-augment", "1", "--extract-augment-samples", "1")
+    run = nexus(paths, "run", *flags, redis_url=redis_url)
+    assert run.returncode == 0, run.stderr[-3000:]
+    events = read_events(paths.log)
+    for ds in ("reasoning__arith", "code__snippets"):
+        real = shards.read_manifest(paths.memory / "tiny" / ds)
+        aug = shards.read_manifest(augment.folder(paths.memory / "tiny" / ds))
+        assert aug["complete"] and aug["augment"] == {"copies": 1, "p": 0.15, "samples": 1, "temperature": 0.8}
+        assert aug["total_sequences"] > real["total_sequences"]
+    assert all("augmented" in e.data for e in of_type(events, "StageCompleted", "extract"))
+    usage = [e.data["teacher_usage"]["tiny"]["domains"] for e in events if e.data.get("note") == "TeacherSignalsAligned"]
+    assert usage and all(d["augmented_sequences"] > 0 for d in usage[-1].values())
+    again = nexus(paths, "run", *flags, redis_url=redis_url)
+    assert again.returncode == 0
+    assert len(of_type(read_events(paths.log), "StageStarted")) == len(of_type(events, "StageStarted"))  # nothing redone
