@@ -201,7 +201,8 @@ def test_ctrl_c_mid_ddp_leaves_a_resumable_checkpoint_and_no_orphans(demo_workdi
     wait_for(paths, lambda ev: any(e.data.get("step", 0) >= 2 for e in of_type(ev, "StageProgress", "distill")),
              timeout=400, proc=proc)
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl+C: torchrun runs in its own session
-    out, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    out = proc.stdout.read()  # e2e._Output: a file, not a pipe
     assert proc.returncode == 130, out[-3000:]
     events = read_events(paths.log)
     saved = of_type(events, "CheckpointSaved", "distill")
