@@ -29,6 +29,7 @@ from nexus_core import shards
 from nexus_core.errors import CorruptArtifactError
 
 FOLDER = "augment"  # memory/<teacher>/<dataset>/augment/: a shard folder of its own
+KEYS = ("augment", "augment_p", "augment_samples", "augment_temperature")  # the [extract] settings of this module
 
 
 def folder(shard_dir: Path) -> Path:

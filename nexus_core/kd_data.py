@@ -126,7 +126,7 @@ def _read_manifest(folder: Path) -> dict:
 
 def verify_source(cfg: Settings, paths: Paths, teacher: Teacher, dataset: str, tokenizer_fp: str | None,
                   augmented: bool = False) -> Source:
-    """Check one teacher's shards for one dataset (or their perturbed copies, augment.py) against the
+    """Check one teacher's shards for one dataset (or their augmented rows, augment.py) against the
     plan; raise naming the bad shard."""
     folder = paths.shard_dir(teacher.teacher_id, DatasetRef.parse(dataset).slug)
     folder = augment.folder(folder) if augmented else folder

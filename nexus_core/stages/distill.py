@@ -17,6 +17,7 @@ import time
 import structlog
 import torch
 
+from nexus_core import augment
 from nexus_core import checkpoint as ckpt
 from nexus_core import ddp
 from nexus_core import kd_loss
@@ -44,8 +45,7 @@ _MATH_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_d
 def config_hash(cfg: Settings) -> str:
     d = cfg.to_dict()
     body = {"distill": {k: d["distill"][k] for k in _MATH_KEYS}, "student": d["student"], "seed": cfg.run.seed,
-            "extract": {k: d["extract"][k] for k in ("seq_len", "top_k", "augment", "augment_p",
-                                                                 "augment_samples", "augment_temperature")}}
+            "extract": {k: d["extract"][k] for k in ("seq_len", "top_k", *augment.KEYS)}}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

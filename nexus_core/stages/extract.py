@@ -30,7 +30,6 @@ from nexus_core.stages.context import Control, StageContext, StageResult
 from nexus_core.stages.extract_quality import heldout_quality, kept_mass, logit_positions
 from nexus_core.teacher import load_tokenizer, open_runner, tokenizer_fingerprint, tokenizer_vocab
 
-AUGMENT_KEYS = ("augment", "augment_p", "augment_samples", "augment_temperature")
 LOG_EPS = math.log(1e-30)  # tail_logmass floor when the top-k holds (numerically) all the mass
 
 
@@ -88,7 +87,7 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     try:
         result = _extract_rows(cfg, teacher, dataset, ctx, runner, rows, out_dir, base, part, quality)
         real = shards.read_manifest(out_dir) if (out_dir / shards.MANIFEST).exists() else {}
-        a_fp, a_dir = _settings_fp(cfg, hidden_layers, augment=True), augment.folder(out_dir)
+        a_fp, a_dir = _settings_fp(cfg, hidden_layers, augmented=True), augment.folder(out_dir)
         if augment.wanted(ex) and real.get("complete") and not _finished(a_dir, a_fp, real):
             # The job that completes the dataset adds the new rows (made again on a resume: deterministic).
             with _deterministic():
@@ -358,11 +357,11 @@ def _load_profile(paths: Paths, teacher: Teacher) -> dict:
         raise NexusError(f"{path}: unreadable profile ({exc}); delete it and rerun the profile stage") from None
 
 
-def _settings_fp(cfg: Settings, hidden_layers: list[int], augment: bool = False) -> str:
+def _settings_fp(cfg: Settings, hidden_layers: list[int], augmented: bool = False) -> str:
     """What the shard contents depend on (logit_chunk only bounds memory and ranges only splits the
     work, so both are left out: any R writes the same manifest). The augment settings count for the
     perturbed copies only: changing them keeps the real rows' shards."""
-    skip = UNFINGERPRINTED | (set() if augment else {("extract", k) for k in AUGMENT_KEYS})
+    skip = UNFINGERPRINTED | (set() if augmented else {("extract", k) for k in augment.KEYS})
     ex = {k: v for k, v in cfg.to_dict()["extract"].items() if ("extract", k) not in skip}
     payload = {"extract": ex, "hidden_layers": hidden_layers, "oom_at_batches": cfg.faults.oom_at_batches}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
