@@ -86,9 +86,9 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     rows = _Rows(ids, mask, cs, ce, hidden_layers, real_vocab, tok_fp, int(profile["hidden"]))
     try:
         result = _extract_rows(cfg, teacher, dataset, ctx, runner, rows, out_dir, base, part, quality)
-        real = shards.read_manifest(out_dir) if (out_dir / shards.MANIFEST).exists() else {}
+        real = shards.read_manifest(out_dir) if augment.wanted(ex) and (out_dir / shards.MANIFEST).exists() else {}
         a_fp, a_dir = _settings_fp(cfg, hidden_layers, augmented=True), augment.folder(out_dir)
-        if augment.wanted(ex) and real.get("complete") and not _finished(a_dir, a_fp, real):
+        if real.get("complete") and not _finished(a_dir, a_fp, real):
             # The job that completes the dataset adds the new rows (made again on a resume: deterministic).
             with _deterministic():
                 a_ids, a_mask, a_base = augment.new_rows(out_dir, real, base, ex, runner, real_vocab)
