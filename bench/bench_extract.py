@@ -23,11 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nexus_core import model_factory as mf  # noqa: E402
 from nexus_core.config import load_settings  # noqa: E402
 from nexus_core.data import DatasetRef  # noqa: E402
+from nexus_core.demo import model_factory as mf
 from nexus_core.paths import Paths  # noqa: E402
-from nexus_core.registry import parse_teacher  # noqa: E402
+from nexus_core.records.registry import parse_teacher
 from nexus_core.stages.extract import run_extract  # noqa: E402
 from nexus_core.stages.profile import run_profile  # noqa: E402
 
@@ -103,7 +103,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_extract.json").write_text(json.dumps(row, indent=2) + "\n")
 
-    print(f"| device | mode | params | vocab (head/tok) | k | T | seqs | tokens/s | shard B/pos | fp16 logits B/pos | ratio |")
+    print("| device | mode | params | vocab (head/tok) | k | T | seqs | tokens/s | shard B/pos | fp16 logits B/pos | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {row['device']} | {row['mode']} | {row['params'] / 1e6:.1f}M | {V}/{row['tokenizer_vocab']} | {args.k} "
           f"| {args.seq_len} | {row['sequences']} | {row['tokens_per_s']:,.0f} | {row['bytes_per_position']} "

@@ -51,19 +51,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nexus_core import data, kd_loss  # noqa: E402
-from nexus_core.config import DistillSettings, StudentSettings  # noqa: E402
-from nexus_core.evaluate import MAX_HELDOUT_SEQUENCES  # noqa: E402
-from nexus_core.kd_data import ShardLoader, open_streams  # noqa: E402
-from nexus_core.paths import Paths  # noqa: E402
-from nexus_core.plan import DistillPlan  # noqa: E402
-from nexus_core.registry import Teacher  # noqa: E402
-from nexus_core.stages.distill import _optimizer, run_distill  # noqa: E402
-from nexus_core.student import build_student  # noqa: E402
+from kd_workdir import ARITH, DATASETS, OUT, QUICK, SEEDS, Spec, prepare, prepare_augmented, settings  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from kd_workdir import (  # noqa: E402  (bench/ is on sys.path when run as a script)
-    ARITH, DATASETS, OUT, QUICK, SEEDS, Spec, prepare, prepare_augmented, settings,
-)
+from nexus_core import data
+from nexus_core.config import DistillSettings, StudentSettings  # noqa: E402
+from nexus_core.kd import loss as kd_loss
+from nexus_core.kd.evaluate import MAX_HELDOUT_SEQUENCES
+from nexus_core.kd.loader import ShardLoader
+from nexus_core.kd.streams import open_streams
+from nexus_core.kd.student import build_student
+from nexus_core.kd.training import _optimizer  # noqa: E402
+from nexus_core.paths import Paths  # noqa: E402
+from nexus_core.records.plan import DistillPlan
+from nexus_core.records.registry import Teacher
+from nexus_core.stages.distill import run_distill  # noqa: E402
+from nexus_core.storage.profiles import read_profile, read_profiles
 
 TARGET_GAP, TARGET_RATIO = 0.85, 1.10  # share of the CE-teacher gap KD closes; KD/CE step time
 
@@ -136,13 +138,13 @@ def time_steps(home: Path, spec: Spec, plan: DistillPlan, n_pairs: int, alpha: f
     """
     cfg = settings(home, spec, student_layers=student_layers)
     paths = Paths(home)
-    streams, info = open_streams(cfg, plan, paths)
+    streams, info = open_streams(cfg, plan, paths, read_profiles(paths, plan.teachers))
     loader = ShardLoader(streams, cfg.distill.batch_size, cfg.run.seed)
     batches = [loader.micro_batch(i) for i in range(min(loader.per_epoch, 16))]
     vocab = info["vocab"]
     students = {}
     for mode, a in (("ce", 0.0), ("kd", alpha)):
-        model, _ = build_student(cfg, plan, paths, "cpu")
+        model, _ = build_student(cfg, plan, paths, "cpu", read_profile(paths, plan.primary) or {})
         model.config.use_cache = False
         students[mode] = (model.train(), _optimizer(cfg, [model]), a)
 

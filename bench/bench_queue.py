@@ -24,15 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import ARITH, FAST_SETTINGS, register, write_dataset  # noqa: E402
-from e2e import nexus_env  # noqa: E402
-from nexus_core.events import read_events  # noqa: E402
-from nexus_core.keys import StageStatus  # noqa: E402
+from nexus_core.broker.keys import StageStatus
 from nexus_core.paths import Paths  # noqa: E402
-from nexus_core.state import replay  # noqa: E402
+from nexus_core.records.events import load_state, read_events
+from tests.helpers import ARITH, FAST_SETTINGS, nexus_env, register, write_dataset  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 QUICK_ENV = {"NEXUS_DISTILL_MAX_STEPS": "2", "NEXUS_ROUTER_EPOCHS": "1", "NEXUS_ROUTER_MAX_SAMPLES": "20",
@@ -51,7 +49,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 def make_workdir(root: Path) -> tuple[Paths, Path]:
     """A workdir with one tiny dataset, and a tiny 2-layer Llama teacher folder (not yet registered)."""
-    from nexus_core.model_factory import make_teacher
+    from nexus_core.demo.model_factory import make_teacher
 
     paths = Paths(root / "home").ensure()
     write_dataset(paths, "reasoning/arith", [{"question": q.split("\n")[0], "answer": q.split("\n")[1]} for q in ARITH])
@@ -63,7 +61,7 @@ def start_redis(root: Path):
     """An embedded server under root; NEXUS_BENCH_REDIS_URL instead when set (a spare database: it is flushed)."""
     if os.environ.get("NEXUS_BENCH_REDIS_URL"):
         return os.environ["NEXUS_BENCH_REDIS_URL"], None
-    from nexus_core.redis_conn import EmbeddedRedis
+    from nexus_core.broker.server import EmbeddedRedis
 
     server = EmbeddedRedis(Paths(root / "redis-home"))
     return server.start(), server
@@ -107,7 +105,7 @@ def _idle(paths: Paths, conn) -> bool:
     from rq import Queue
     from rq.registry import DeferredJobRegistry, StartedJobRegistry
 
-    state = replay(read_events(paths.log))
+    state = load_state(paths)
     busy = [s for s in state.stages.values() if s.status in (StageStatus.QUEUED, StageStatus.RUNNING)]
     q = Queue("nexus", connection=conn)
     return not busy and q.count == 0 and StartedJobRegistry(queue=q).count == 0 and DeferredJobRegistry(queue=q).count == 0

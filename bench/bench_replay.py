@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nexus_core.events import Event, read_events, replay, utc_now  # noqa: E402
+from nexus_core.records.events import Event, read_events, replay, utc_now
 
 
 def write_log(path: Path, n: int) -> None:

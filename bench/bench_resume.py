@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_queue import OUT, epoch, make_workdir, percentile, spawn_logged, stop, wait_until  # noqa: E402
 from conftest import FAST_SETTINGS, register  # noqa: E402
-from nexus_core.events import read_events  # noqa: E402
+
+from nexus_core.records.events import read_events
 
 # Enough steps that each rerun is killed long before distill ends; a checkpoint every 2 steps.
 ENV = {**FAST_SETTINGS, "NEXUS_DISTILL_MAX_STEPS": "2000", "NEXUS_DISTILL_CHECKPOINT_EVERY": "2"}
@@ -60,7 +61,7 @@ def run(repeats: int) -> dict:
 def _stop_embedded_redis(paths) -> None:
     import redis
 
-    from nexus_core.redis_conn import EmbeddedRedis
+    from nexus_core.broker.server import EmbeddedRedis
 
     url = EmbeddedRedis(paths).running_url()
     if url:

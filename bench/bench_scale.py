@@ -28,15 +28,16 @@ from pathlib import Path
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench_extract import stdlib_texts  # noqa: E402
 from bench_queue import epoch, spawn_logged, start_redis, stop, wait_until  # noqa: E402
-from conftest import register  # noqa: E402
-from nexus_core import model_factory as mf  # noqa: E402
-from nexus_core.events import read_events  # noqa: E402
+
+from nexus_core.demo import model_factory as mf
 from nexus_core.paths import Paths  # noqa: E402
+from nexus_core.records.events import read_events
+from tests.helpers import register  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 PROJECT_N = (1, 2, 4, 8)

@@ -45,7 +45,8 @@ def _rss_peak() -> int:
 
 def make_teacher(d: Path) -> Path:
     import torch
-    from nexus_core import model_factory as mf
+
+    from nexus_core.demo import model_factory as mf
 
     if (d / "config.json").is_file():
         return d
@@ -66,7 +67,7 @@ def _chunk(n: int, T: int, seed: int = 0):
 def _head_topk(logits_fn, final_hidden):
     """Top-k targets exactly as extraction computes them (stages/extract.topk_targets, auto logits chunk)."""
     from nexus_core.config import ExtractSettings
-    from nexus_core.stages.extract import logit_positions, topk_targets
+    from nexus_core.teachers.logits import logit_positions, topk_targets
 
     flat = final_hidden.reshape(-1, final_hidden.shape[-1])
     topk_targets(logits_fn, flat, K, VOCAB, logit_positions(ExtractSettings(), VOCAB))
@@ -75,12 +76,11 @@ def _head_topk(logits_fn, final_hidden):
 def child(mode: str, model_dir: str) -> dict:
     """One runner in this (fresh) process: throughput per pass size and peak RSS above baseline."""
     import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (code both paths import: part of the baseline)
     from transformers import AutoModelForCausalLM
 
-    import transformers.models.llama.modeling_llama  # noqa: F401  (code both paths import: part of the baseline)
-
     import nexus_core.stages.extract  # noqa: F401  (the top-k code both paths run: part of the baseline)
-    from nexus_core.sli import StreamingRunner
+    from nexus_core.teachers.sli import StreamingRunner
 
     base = _rss_peak()
     t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def limits(model_dir: Path) -> dict:
     import torch
     from safetensors import safe_open
 
-    from nexus_core.safetensors_meta import scan
+    from nexus_core.storage.safetensors_meta import scan
 
     meta = scan(model_dir)
     t = time.perf_counter()

@@ -44,12 +44,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from nexus_core import data  # noqa: E402
 from nexus_core.config import load_settings  # noqa: E402
-from nexus_core.demo import train_causal_lm  # noqa: E402
-from nexus_core.demo_data import DataSpec, dataset_texts, ensure_datasets  # noqa: E402
-from nexus_core.model_factory import build_model, make_config, save_model, train_tokenizer  # noqa: E402
+from nexus_core.demo.demo_data import DataSpec, dataset_texts, ensure_datasets
+from nexus_core.demo.model_factory import build_model, make_config, save_model, train_tokenizer
+from nexus_core.kd.trainer import train_causal_lm
 from nexus_core.paths import Paths  # noqa: E402
-from nexus_core.plan import DistillPlan  # noqa: E402
-from nexus_core.registry import Teacher, _weight_files  # noqa: E402
+from nexus_core.records.plan import DistillPlan
+from nexus_core.records.registry import Teacher, _weight_files
 from nexus_core.stages.distill import run_distill  # noqa: E402
 from nexus_core.stages.extract import run_extract  # noqa: E402
 from nexus_core.stages.profile import run_profile  # noqa: E402

@@ -204,7 +204,7 @@ def write_sections(path: Path, sections: dict[str, str], order: list[str]) -> No
         block = f"<!-- bench:{name} -->\n{sections[name]}<!-- /bench:{name} -->"
         pat = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
         text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    from nexus_core.atomic import write_text  # ROOT is on sys.path (main)
+    from nexus_core.storage.atomic import write_text
 
     write_text(path, text if text.endswith("\n") else text + "\n")
 

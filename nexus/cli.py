@@ -10,6 +10,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
+import redis
+
 from nexus_core.config import add_cli_flags, load_settings
 from nexus_core.errors import NexusError
 from nexus_core.paths import Paths, check_lockable
@@ -63,7 +65,7 @@ def cmd_run(args, paths: Paths) -> int:
     if args.reset:
         reset_workdir(paths)
     if args.demo:
-        from nexus_core.demo import prepare_demo
+        from nexus_core.demo.prepare import prepare_demo
 
         paths.ensure()
         prepare_demo(paths, cfg)
@@ -76,8 +78,8 @@ def cmd_run(args, paths: Paths) -> int:
 
 
 def cmd_watch(args, paths: Paths) -> int:
-    from nexus_core.events import EventLog
-    from nexus_core.redis_conn import connect, resolve_url
+    from nexus_core.broker.server import connect, display_url, resolve_url
+    from nexus_core.records.events import EventLog
     from producer.watch import watch
 
     cfg = load_settings(paths.home, args)
@@ -87,28 +89,28 @@ def cmd_watch(args, paths: Paths) -> int:
     conn = connect(url)
     stop = threading.Event()
     _stop_on_signals(stop)
-    print(f"nexus watch: watching {paths.registry} (Redis {url})", file=sys.stderr, flush=True)
+    print(f"nexus watch: watching {paths.registry} (Redis {display_url(url)})", file=sys.stderr, flush=True)
     watch(paths, cfg, conn, EventLog(paths.log, redis=conn), stop)
     return 0
 
 
 def cmd_worker(args, paths: Paths) -> int:
-    from nexus_core.events import EventLog
-    from nexus_core.redis_conn import connect, resolve_url
+    from nexus_core.broker.server import connect, display_url, resolve_url
+    from nexus_core.records.events import EventLog
     from workers.worker import run_worker
 
     load_settings(paths.home, args)  # validates nexus.toml / flags early; jobs carry their own settings
     paths.ensure()
     url, _server = resolve_url(paths)
     conn = connect(url)
-    print(f"nexus worker: pid {__import__('os').getpid()} on queue nexus (Redis {url})", file=sys.stderr, flush=True)
+    print(f"nexus worker: pid {__import__('os').getpid()} on queue nexus (Redis {display_url(url)})", file=sys.stderr, flush=True)
     check_lockable(paths)
-    run_worker(conn, EventLog(paths.log, redis=conn), burst=args.burst, device=args.cfg__run__device)
+    run_worker(conn, EventLog(paths.log, redis=conn), paths, burst=args.burst, device=args.cfg__run__device)
     return 0
 
 
 def cmd_monitor(args, paths: Paths) -> int:
-    from nexus_core.redis_conn import connect, resolve_url
+    from nexus_core.broker.server import connect, resolve_url
     from workers.monitor import main as monitor_main
 
     cfg = load_settings(paths.home, args)
@@ -124,9 +126,9 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def _state(paths: Paths):
-    from nexus_core.events import read_events, replay
+    from nexus_core.records.events import load_state
 
-    return replay(read_events(paths.log))
+    return load_state(paths)
 
 
 def cmd_status(args, paths: Paths) -> int:
@@ -150,8 +152,8 @@ def cmd_status(args, paths: Paths) -> int:
 
 
 def cmd_replay(args, paths: Paths) -> int:
-    from nexus_core.events import read_events, replay
     from nexus.summary import status_dict
+    from nexus_core.records.events import read_events, replay
 
     t0 = time.perf_counter()
     events = read_events(paths.log)
@@ -170,9 +172,10 @@ def cmd_replay(args, paths: Paths) -> int:
 
 def requeue_from_log(paths: Paths, state) -> list[str]:
     """Rebuild the queue from the log alone: every stage not done (with intact artefacts)."""
+    from nexus_core.broker.server import connect, resolve_url
     from nexus_core.config import load_settings as _ls
-    from nexus_core.events import EventLog
-    from nexus_core.redis_conn import connect, resolve_url
+    from nexus_core.records.events import EventLog
+    from nexus_core.records.job import JobPayload
     from producer.enqueue import enqueue_specs
     from producer.planner import JobSpec
 
@@ -183,7 +186,7 @@ def requeue_from_log(paths: Paths, state) -> list[str]:
         if st.spec is None:
             continue
         specs.append(JobSpec(st.job_id, st.stage, st.description, st.teacher_id, st.dataset, st.plan,
-                             tuple(st.depends_on), st.spec))
+                             tuple(st.depends_on), JobPayload.from_dict(st.spec)))
     order = {"profile": 0, "extract": 1, "distill": 2, "router": 3}
     specs.sort(key=lambda s: order.get(s.stage, 9))
     timeout = _ls(paths.home).run.job_timeout_s
@@ -192,7 +195,7 @@ def requeue_from_log(paths: Paths, state) -> list[str]:
 
 def reset_workdir(paths: Paths) -> None:
     """Archive the log (history is kept) and delete every artefact; registry/ and datasets/ stay."""
-    from nexus_core.events import EventLog
+    from nexus_core.records.events import EventLog
 
     paths.ensure()
     if paths.log.exists() and paths.log.stat().st_size:
@@ -210,18 +213,19 @@ def reset_workdir(paths: Paths) -> None:
 
 
 def _clear_queue(paths: Paths) -> None:
-    import os
 
-    from nexus_core import keys
-    from nexus_core.redis_conn import EmbeddedRedis, _ping, connect
+    from nexus_core.broker import keys
+    from nexus_core.broker.server import EmbeddedRedis, _ping, connect, redis_url_from_env
 
-    url = os.environ.get("REDIS_URL") or EmbeddedRedis(paths).running_url()
+    url = redis_url_from_env() or EmbeddedRedis(paths).running_url()
     if not url or not _ping(url):
         return
     from rq import Queue
 
+    from nexus_core.records.job import JobSerializer
+
     conn = connect(url)
-    q = Queue(keys.QUEUE, connection=conn)
+    q = Queue(keys.QUEUE, connection=conn, serializer=JobSerializer)
     for reg in (q.finished_job_registry, q.failed_job_registry, q.deferred_job_registry,
                 q.canceled_job_registry, q.started_job_registry):
         for jid in reg.get_job_ids(cleanup=False):
@@ -260,7 +264,7 @@ def cmd_route(args, paths: Paths) -> int:
 
 
 def cmd_report(args, paths: Paths) -> int:
-    from nexus_core.report import build_report
+    from nexus_core.records.report import build_report
 
     out = build_report(paths)
     print(f"report: {out}")
@@ -282,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     except NexusError as exc:
         print(f"nexus {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # a Redis that went away outside a run's loop
+        print(f"nexus {args.command}: Redis went away ({str(exc).splitlines()[0][:160]}); partial work is saved: "
+              f"rerun to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"nexus {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -8,18 +8,18 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from nexus_core.baseline import run_ce_baseline
+from nexus_core.broker.keys import StageStatus
 from nexus_core.config import Settings
-from nexus_core.events import read_events, replay
-from nexus_core.keys import StageStatus
+from nexus_core.kd.baseline import run_ce_baseline
 from nexus_core.paths import Paths
-from nexus_core.plan import DistillPlan
+from nexus_core.records.events import load_state
+from nexus_core.records.plan import DistillPlan
 
 log = structlog.get_logger("nexus.demo")
 
 
 def _last_distill(paths: Paths):
-    state = replay(read_events(paths.log))
+    state = load_state(paths)
     done = [s for s in state.stages.values() if s.stage == "distill" and s.status == StageStatus.DONE and s.spec]
     return max(done, key=lambda s: s.finished_ts or "") if done else None
 
@@ -36,7 +36,7 @@ def demo_summary(paths: Paths, cfg: Settings, console: Console | None = None) ->
     console.print(f"demo: training the plain fine-tune baseline ({ev.get('steps')} steps, same student and data)...")
     base = run_ce_baseline(cfg, plan, paths, steps=int(ev.get("steps") or cfg.distill.max_steps))
     try:
-        from nexus_core.report import build_report
+        from nexus_core.records.report import build_report
 
         build_report(paths)
     except Exception as exc:  # the summary still prints

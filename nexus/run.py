@@ -13,16 +13,16 @@ import subprocess
 import sys
 import threading
 
+import redis
 import structlog
 
+from nexus_core.broker.keys import StageStatus
+from nexus_core.broker.server import connect, display_url, resolve_url
 from nexus_core.config import Settings
-from nexus_core.atomic import sweep_stale_temps
-from nexus_core.errors import WorkdirLockedError
-from nexus_core.events import EventLog, read_events
-from nexus_core.keys import StageStatus
+from nexus_core.errors import RedisGoneError, WorkdirLockedError
 from nexus_core.paths import Paths, check_lockable
-from nexus_core.redis_conn import connect, resolve_url
-from nexus_core.state import replay
+from nexus_core.records.events import EventLog, load_state
+from nexus_core.storage.atomic import sweep_stale_temps
 from producer.enqueue import queue_for
 from producer.sync import sync_once
 from producer.watch import start_observer
@@ -74,7 +74,7 @@ def _outcome(paths: Paths, run_seq: int, plan_router: str | None, rejected: bool
     """0 the plan completed; 1 a stage failed; 2 bad input; 130 interrupted (a rerun resumes)."""
     if interrupted:
         return EXIT_INTERRUPTED
-    state = replay(read_events(paths.log))
+    state = load_state(paths)
     failed = [s for s in state.stages.values() if s.failed_seq and s.failed_seq > run_seq]
     if any(not s.bad_input for s in failed):
         return 1
@@ -104,8 +104,8 @@ def run_pipeline(paths: Paths, cfg: Settings, console=None) -> int:
             for p in sweep_stale_temps((paths.memory, paths.checkpoints, paths.results, paths.release)):
                 log.info("removed a temp file left by a killed writer", path=str(p))
         print(f"nexus run: pid {os.getpid()} (kill -USR1 {os.getpid()} checkpoints and pauses, "
-              f"-USR2 checkpoints and carries on); Redis at {url}", file=sys.stderr, flush=True)
-        run_seq = events.append("RunStarted", data={"pid": os.getpid(), "redis": url.split("@")[-1],
+              f"-USR2 checkpoints and carries on); Redis at {display_url(url)}", file=sys.stderr, flush=True)
+        run_seq = events.append("RunStarted", data={"pid": os.getpid(), "redis": display_url(url),
                                                     "settings": cfg.to_dict()}).seq
         monitor = _start_monitor(paths, url)
         observer, dirty = start_observer(paths)
@@ -142,7 +142,7 @@ def run_pipeline(paths: Paths, cfg: Settings, console=None) -> int:
                 return 2
             watcher.start()
             for _ in range(MAX_ROUNDS):
-                run_worker(conn, events, burst=True)
+                run_worker(conn, events, paths, burst=True)
                 if Flags.stop_after_job:
                     interrupted = True
                     break
@@ -152,7 +152,7 @@ def run_pipeline(paths: Paths, cfg: Settings, console=None) -> int:
             code = _outcome(paths, run_seq, last_plan["router"], last_plan["rejected"], interrupted)
             if code == 0:  # the plan completed: results/report.md + report.json (a failure here costs no work)
                 try:
-                    from nexus_core.report import build_report
+                    from nexus_core.records.report import build_report
 
                     build_report(paths)
                 except Exception as exc:
@@ -162,6 +162,9 @@ def run_pipeline(paths: Paths, cfg: Settings, console=None) -> int:
         except KeyboardInterrupt:
             print("interrupted: partial work is saved; rerun `nexus run` to resume", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except (redis.ConnectionError, redis.TimeoutError, RedisGoneError) as exc:
+            raise RedisGoneError(f"Redis at {display_url(url)} went away ({str(exc).splitlines()[0][:160]}); "
+                                 "partial work is saved: rerun `nexus run` to resume") from None
         finally:
             stop_watch.set()
             observer.stop()

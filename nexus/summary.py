@@ -7,9 +7,9 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from nexus_core.events import read_events
 from nexus_core.paths import Paths
-from nexus_core.state import State, replay
+from nexus_core.records.events import load_state
+from nexus_core.records.state import State
 
 _STAGE_ORDER = {"profile": 0, "extract": 1, "distill": 2, "router": 3}
 
@@ -40,10 +40,11 @@ def status_dict(state: State, live: dict | None = None) -> dict:
                                                           _part(s) or []))
     return {
         "last_seq": state.last_seq,
-        "teachers": [{"teacher_id": t.teacher_id, "active": t.active, "status": t.teacher.get("status"),
-                      "source": t.source, "path": t.teacher.get("path")}
+        "teachers": [{"teacher_id": t.teacher_id, "active": t.active, "status": t.teacher.status,
+                      "source": t.source, "path": t.teacher.path}
                      for t in sorted(state.teachers.values(), key=lambda t: t.teacher_id)],
-        "rejections": [{"source": src, **r} for src, r in sorted(state.rejections.items())],
+        "rejections": [{"source": src, "reason": reason, **r} for src, by_reason in sorted(state.rejections.items())
+                       for reason, r in by_reason.items()],
         "stages": [{"job_id": s.job_id, "stage": s.stage, "teacher_id": s.teacher_id, "dataset": s.dataset,
                     "part": _part(s), "status": s.status.value, "description": s.description, "attempts": s.attempts,
                     "progress": s.progress, "resume": s.resume, "error": s.error,
@@ -56,12 +57,11 @@ def status_dict(state: State, live: dict | None = None) -> dict:
 
 def live_info(paths: Paths) -> dict:
     """Temperature and pause state from Redis when one is reachable; nothing otherwise."""
-    import os
 
-    from nexus_core import keys
-    from nexus_core.redis_conn import EmbeddedRedis, _ping, connect
+    from nexus_core.broker import keys
+    from nexus_core.broker.server import EmbeddedRedis, _ping, connect, redis_url_from_env
 
-    url = os.environ.get("REDIS_URL") or EmbeddedRedis(paths).running_url()
+    url = redis_url_from_env() or EmbeddedRedis(paths).running_url()
     if not url or not _ping(url):
         return {}
     conn = connect(url)
@@ -75,7 +75,9 @@ def live_info(paths: Paths) -> dict:
     try:
         from rq import Queue
 
-        out["queued"] = Queue(keys.QUEUE, connection=conn).count
+        from nexus_core.records.job import JobSerializer
+
+        out["queued"] = Queue(keys.QUEUE, connection=conn, serializer=JobSerializer).count
     except Exception:
         pass
     return out
@@ -125,7 +127,7 @@ def print_status(state: State, console: Console | None = None, live: dict | None
 
 def print_summary(paths: Paths, console: Console | None = None, interrupted: bool = False) -> None:
     console = console or Console(stderr=True)
-    state = replay(read_events(paths.log))
+    state = load_state(paths)
     print_status(state, console)
     if interrupted:
         console.print("[magenta]paused[/]: progress is saved; rerun `nexus run` to resume")

@@ -171,6 +171,23 @@ class Settings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        """to_dict() inverted (job payloads, checkpoints); unknown sections or keys are a ConfigError."""
+        sections = _sections()
+        unknown = sorted(set(d) - set(sections))
+        if unknown:
+            raise ConfigError(f"settings: unknown section(s) {', '.join(unknown)}")
+        kwargs = {}
+        for name, section in sections.items():
+            types = _field_types(section)
+            values = d.get(name) or {}
+            bad = sorted(set(values) - set(types))
+            if bad:
+                raise ConfigError(f"settings: unknown key(s) {', '.join(bad)} in [{name}]")
+            kwargs[name] = section(**{k: _convert(v, types[k], f"{name}.{k}") for k, v in values.items()})
+        return cls(**kwargs)
+
     def fingerprint(self, *sections: str) -> str:
         """sha256 of the named sections (all when none): what a stage's output depends on.
 

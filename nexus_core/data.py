@@ -3,12 +3,21 @@
 `datasets/<category>/<name>/` holds jsonl, json, parquet, csv, txt files or a
 `save_to_disk` folder. A fixed hash split keeps a held-out share out of extraction and
 training forever: the same document always lands on the same side.
+
+Text coordinate (fixed, shared by every tokenizer): a dataset's training split (the
+documents of load_texts in their order, less the held-out ones of split) is read as
+one string in which every document is followed by ONE separator character. Document i starts
+at sum_{j<i} (len(doc_j) + 1). A token's span [char_start, char_end) is in that coordinate:
+a document token carries its tokenizer offset mapping shifted by the document's start; the
+EOS token that pack appends after each document covers exactly the separator character,
+so EOS tokens of different tokenizers align too. Padding has span (-1, -1). Zero-width tokens
+(a Metaspace "\u2581" prepended at a document start, which maps onto the first letter) get
+char_end == char_start.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +25,8 @@ from nexus_core.errors import DatasetError, UnsafePathError
 from nexus_core.paths import DATASET_PART_RE, Paths
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+PAD_SPAN = -1  # char_start/char_end of padding
+METASPACE = "\u2581"
 _PAIRS = (("prompt", "response"), ("question", "answer"), ("instruction", "output"))
 
 
@@ -178,6 +189,71 @@ def pack(tokenizer, texts: list[str], seq_len: int, max_sequences: int = 0):
     return ids, mask
 
 
-def free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+def text_fingerprint(texts: list[str]) -> str:
+    """sha256 (16 hex) of the text coordinate: documents each followed by one separator."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\x1e")
+    return h.hexdigest()[:16]
+
+
+def _doc_offsets(tokenizer, text: str, base: int) -> tuple[list[int], list[int], list[int]]:
+    """Ids and [start, end) spans (shifted by base) of one document, as data.pack tokenises it."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    starts, ends = [], []
+    for tid, (a, b) in zip(ids, enc["offset_mapping"]):
+        if tokenizer.convert_ids_to_tokens(tid) == METASPACE and text[a:b] != " ":
+            b = a  # a prepended word-boundary marker, not text: zero width
+        starts.append(base + a)
+        ends.append(base + b)
+    return ids, starts, ends
+
+
+def pack_with_offsets(tokenizer, texts: list[str], seq_len: int, max_sequences: int = 0):
+    """data.pack plus each token's character span in the text coordinate.
+
+    Returns (input_ids int32 [n, T], attention_mask uint8 [n, T], char_start int64 [n, T],
+    char_end int64 [n, T]); ids and mask are exactly data.pack's. Needs a fast tokenizer
+    (offset mapping); a slow one raises NotImplementedError.
+    """
+    import torch
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise NotImplementedError("character offsets need a fast (Rust) tokenizer")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    ids_s: list[int] = []
+    cs_s: list[int] = []
+    ce_s: list[int] = []
+    limit = max_sequences * seq_len if max_sequences > 0 else None
+    base = 0
+    for text in texts:
+        ids, starts, ends = _doc_offsets(tokenizer, text, base)
+        ids_s += ids
+        cs_s += starts
+        ce_s += ends
+        sep = base + len(text)
+        if eos is not None:
+            ids_s.append(eos)
+            cs_s.append(sep)
+            ce_s.append(sep + 1)
+        base = sep + 1
+        if limit is not None and len(ids_s) >= limit:
+            break
+    if limit is not None:
+        ids_s, cs_s, ce_s = ids_s[:limit], cs_s[:limit], ce_s[:limit]
+    n = (len(ids_s) + seq_len - 1) // seq_len
+    if n == 0:
+        raise DatasetError("dataset produced no tokens after tokenisation")
+    ids = torch.full((n, seq_len), pad, dtype=torch.int32)
+    mask = torch.zeros((n, seq_len), dtype=torch.uint8)
+    cs = torch.full((n, seq_len), PAD_SPAN, dtype=torch.int64)
+    ce = torch.full((n, seq_len), PAD_SPAN, dtype=torch.int64)
+    L = len(ids_s)
+    ids.view(-1)[:L] = torch.tensor(ids_s, dtype=torch.int32)
+    mask.view(-1)[:L] = 1
+    cs.view(-1)[:L] = torch.tensor(cs_s, dtype=torch.int64)
+    ce.view(-1)[:L] = torch.tensor(ce_s, dtype=torch.int64)
+    return ids, mask, cs, ce

@@ -50,7 +50,7 @@ class DiskFullError(NexusError):
 class StageInterrupted(NexusError):
     """Raised inside a stage after it saved its state because it was asked to stop (SIGUSR1, SIGTERM).
 
-    `reason` is 'sigusr1' or 'sigterm'; a rerun resumes the stage.
+    `reason` is 'sigusr1', 'sigterm' or 'sigint'; a rerun resumes the stage.
     """
 
     def __init__(self, reason: str, detail: str = ""):
@@ -66,3 +66,8 @@ class WorkdirLockedError(NexusError):
     """Raised when another `nexus run` already holds the workdir lock."""
 
     exit_code = 2
+
+
+class RedisGoneError(NexusError):
+    """Raised when the Redis server a run depends on went away mid-run (killed, crashed, restarted without
+    persistence). Work on disk is kept; a rerun resumes it."""

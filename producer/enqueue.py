@@ -15,24 +15,24 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from nexus_core import keys
-from nexus_core.events import EventLog
-from nexus_core.keys import StageStatus
-from nexus_core.state import State, artifacts_intact, replay
+from nexus_core.broker import keys
+from nexus_core.broker.keys import StageStatus
+from nexus_core.records.events import EventLog
+from nexus_core.records.job import JOB_FUNC, JobSerializer
+from nexus_core.records.state import State, artifacts_intact, replay
 from producer.planner import JobSpec
 
-JOB_FUNC = "workers.jobs.run_stage"
 LIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.FINISHED,
         JobStatus.CREATED, JobStatus.READY_TO_ENQUEUE}
 
 
 def queue_for(conn) -> Queue:
-    return Queue(keys.QUEUE, connection=conn)
+    return Queue(keys.QUEUE, connection=conn, serializer=JobSerializer)
 
 
 def _fetch(job_id: str, conn) -> Job | None:
     try:
-        return Job.fetch(job_id, connection=conn)
+        return Job.fetch(job_id, connection=conn, serializer=JobSerializer)
     except NoSuchJobError:
         return None
 
@@ -76,12 +76,12 @@ def enqueue_specs(specs: list[JobSpec], conn, log: EventLog, state: State, home:
         pending_deps = [d for d in spec.depends_on if not done_on_record(state, d, home, intact)
                         and _fetch(d, conn) is not None]
         queue.enqueue_call(
-            func=JOB_FUNC, args=(spec.payload,), job_id=spec.job_id, description=spec.description,
-            depends_on=pending_deps or None, timeout=job_timeout, result_ttl=-1, failure_ttl=30 * 86400,
+            func=JOB_FUNC, args=(spec.payload.to_dict(),), job_id=spec.job_id, description=spec.description,
+            depends_on=pending_deps or None, timeout=job_timeout, result_ttl=-1, failure_ttl=keys.FAILED_TTL_S,
             meta={"stage": spec.stage, "teacher_id": spec.teacher_id, "dataset": spec.dataset, "plan": spec.plan},
         )
         log.append("StageQueued", teacher_id=spec.teacher_id, stage=spec.stage, job_id=spec.job_id,
                    data={"description": spec.description, "dataset": spec.dataset, "plan": spec.plan,
-                         "depends_on": list(spec.depends_on), "reason": reason, "spec": spec.payload})
+                         "depends_on": list(spec.depends_on), "reason": reason, "spec": spec.payload.to_dict()})
         created.append(spec.job_id)
     return created

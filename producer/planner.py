@@ -10,11 +10,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from nexus_core.broker.keys import Stage, StageStatus
 from nexus_core.config import Settings
-from nexus_core.keys import Stage, StageStatus
-from nexus_core.plan import DistillPlan, choose_primary
-from nexus_core.registry import Teacher
-from nexus_core.state import State
+from nexus_core.data import DatasetRef
+from nexus_core.records.job import JobPayload
+from nexus_core.records.plan import DistillPlan, choose_primary
+from nexus_core.records.registry import Teacher
+from nexus_core.records.state import State
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class JobSpec:
     dataset: str | None
     plan: str | None
     depends_on: tuple[str, ...]
-    payload: dict = field(hash=False, compare=False)
+    payload: JobPayload = field(hash=False, compare=False)
 
 
 def job_id(stage: str, inputs: dict) -> str:
@@ -34,16 +36,16 @@ def job_id(stage: str, inputs: dict) -> str:
     return f"{stage}-{digest}"
 
 
-def extract_jobs(t: Teacher, dataset: str, pid: str, cfg: Settings, home: str, settings: dict) -> list[JobSpec]:
+def extract_jobs(t: Teacher, dataset: str, pid: str, cfg: Settings, home: str) -> list[JobSpec]:
     """extract.ranges jobs for one (teacher, dataset): job r extracts block r of the dataset's shards."""
     R = cfg.extract.ranges
     out = []
     for r in range(R):
         inputs = {"teacher": t.fingerprint(), "dataset": dataset, "profile": pid, "settings": cfg.fingerprint("extract")}
-        payload = {"home": home, "stage": "extract", "settings": settings, "teacher": t.to_dict(), "dataset": dataset}
+        payload = JobPayload(Stage.EXTRACT, home, cfg, teacher=t, dataset=DatasetRef.parse(dataset), part=(r, R))
         words = f"extract {t.teacher_id} on {dataset}"
         if R > 1:
-            inputs["range"] = payload["range"] = [r, R]
+            inputs["range"] = [r, R]
             words += f" (part {r + 1}/{R})"
         out.append(JobSpec(job_id("extract", inputs), Stage.EXTRACT.value, words, t.teacher_id, dataset, None, (pid,),
                            payload))
@@ -53,8 +55,7 @@ def extract_jobs(t: Teacher, dataset: str, pid: str, cfg: Settings, home: str, s
 def _selected(state: State, models: str) -> list[Teacher]:
     wanted = {m.strip() for m in models.split(",") if m.strip()}
     out = []
-    for d in state.active_teachers():
-        t = Teacher.from_dict(d)
+    for t in state.active_teachers():
         if t.ready and (not wanted or t.teacher_id in wanted):
             out.append(t)
     return out
@@ -76,7 +77,6 @@ def plan_jobs(state: State, cfg: Settings, datasets: list[str], home: str,
     plan, so one bad teacher or dataset does not stop the others.
     """
     teachers = _selected(state, cfg.run.models)
-    settings = cfg.to_dict()
     specs: list[JobSpec] = []
     healthy: list[tuple[Teacher, str, list[str]]] = []  # (teacher, dataset, its extract job ids)
     for t in teachers:
@@ -84,12 +84,12 @@ def plan_jobs(state: State, cfg: Settings, datasets: list[str], home: str,
         pid = job_id("profile", {"teacher": t.fingerprint(), "settings": cfg.fingerprint("profile", "memory"),
                                  "sli": t.sli or cfg.run.sli, "datasets": t_datasets})
         specs.append(JobSpec(pid, Stage.PROFILE.value, f"profile {t.teacher_id}", t.teacher_id, None, None, (),
-                             {"home": home, "stage": "profile", "settings": settings, "teacher": t.to_dict(),
-                              "datasets": t_datasets}))
+                             JobPayload(Stage.PROFILE, home, cfg, teacher=t,
+                                        datasets=tuple(DatasetRef.parse(d) for d in t_datasets))))
         if _failed(state, pid, failed_since_seq):
             continue
         for d in t_datasets:
-            jobs = extract_jobs(t, d, pid, cfg, home, settings)
+            jobs = extract_jobs(t, d, pid, cfg, home)
             specs.extend(jobs)
             if not any(_failed(state, j.job_id, failed_since_seq) for j in jobs):
                 healthy.append((t, d, [j.job_id for j in jobs]))
@@ -108,11 +108,11 @@ def plan_jobs(state: State, cfg: Settings, datasets: list[str], home: str,
     names = ", ".join(t.teacher_id for t in plan.teachers)
     specs.append(JobSpec(did, Stage.DISTILL.value, f"distill {names} into the student on {len(plan.datasets)} dataset(s)",
                          None, None, plan.fingerprint(), extract_ids,
-                         {"home": home, "stage": "distill", "settings": settings, "plan": plan.to_dict()}))
+                         JobPayload(Stage.DISTILL, home, cfg, plan=plan)))
     rid = job_id("router", {"distill": did, "settings": cfg.fingerprint("router")})
     specs.append(JobSpec(rid, Stage.ROUTER.value, f"router over {len(plan.datasets)} domain(s)", None, None,
                          plan.fingerprint(), (did,),
-                         {"home": home, "stage": "router", "settings": settings, "plan": plan.to_dict()}))
+                         JobPayload(Stage.ROUTER, home, cfg, plan=plan)))
     return _without_failed(specs, state, failed_since_seq), plan
 
 

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 
 from nexus_core import data as datasets_mod
 from nexus_core.config import Settings
-from nexus_core.events import EventLog, read_events
 from nexus_core.paths import Paths
-from nexus_core.plan import DistillPlan
-from nexus_core.state import replay
+from nexus_core.records.events import EventLog, load_state
+from nexus_core.records.plan import DistillPlan
 from producer.enqueue import enqueue_specs
 from producer.planner import JobSpec, plan_jobs
 from producer.scan import ScanResult, scan_registry
@@ -29,10 +28,10 @@ class SyncResult:
 def sync_once(paths: Paths, cfg: Settings, conn, events: EventLog, failed_since_seq: int | None = None,
               wait_for_writes: bool = True) -> SyncResult:
     with _lock:
-        state = replay(read_events(paths.log))
+        state = load_state(paths)
         scan = scan_registry(paths, events, state, wait=wait_for_writes)
-        if scan.events:
-            state = replay(read_events(paths.log))
+        if scan.events:  # the log grew (and other processes may have appended between): read it again
+            state = load_state(paths)
         refs = datasets_mod.select(paths, cfg.run.datasets)
         specs, plan = plan_jobs(state, cfg, [r.key for r in refs], str(paths.home), failed_since_seq)
         created = enqueue_specs(specs, conn, events, state, paths.home, cfg.run.job_timeout_s)

@@ -16,8 +16,8 @@ from watchdog.observers import Observer
 
 from nexus_core.config import Settings
 from nexus_core.errors import NexusError
-from nexus_core.events import EventLog
 from nexus_core.paths import Paths
+from nexus_core.records.events import EventLog, load_state
 from producer.sync import sync_once
 
 log = structlog.get_logger("nexus.producer")
@@ -53,7 +53,14 @@ def start_observer(paths: Paths) -> tuple[Observer, _Dirty]:
 
 def watch(paths: Paths, cfg: Settings, conn, events: EventLog, stop: threading.Event,
           failed_since_seq: int | None = None, on_sync=None) -> None:
-    """Run until `stop` is set. `on_sync(result)` is called after each pass that did something."""
+    """Run until `stop` is set. `on_sync(result)` is called after each pass (the first one: the rescan at start).
+
+    The planning rule is `nexus run`'s: a stage that fails while this producer runs (after
+    `failed_since_seq`, by default the log's end at start) is not retried and the plan goes on
+    without it (a bad teacher is left out, the good ones are distilled). A changed teacher file
+    gives new jobs; a restart of `nexus watch` retries what failed."""
+    if failed_since_seq is None:
+        failed_since_seq = load_state(paths).last_seq
     observer, dirty = start_observer(paths)
     last_log_size = -1
     last_pass = 0.0
@@ -71,7 +78,7 @@ def watch(paths: Paths, cfg: Settings, conn, events: EventLog, stop: threading.E
             log.info(e.type, teacher=e.teacher_id, **({"reason": e.data["reason"]} if "reason" in e.data else {}))
         if result.created:
             log.info("enqueued", jobs=result.created)
-        if on_sync and (result.created or result.scan.events):
+        if on_sync:
             on_sync(result)
         last_log_size = paths.log.stat().st_size if paths.log.exists() else 0
         last_pass = time.monotonic()

@@ -8,10 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nexus_core import align, data
-from nexus_core.kd_loss import AlignedTargets, TeacherTargets, loss_sums, multi_loss_sums, shared_buckets, \
-    xtok_position_loss
-from nexus_core.model_factory import train_tokenizer
+from nexus_core import data
+from nexus_core.demo.model_factory import train_tokenizer
+from nexus_core.kd import align
+from nexus_core.kd.loss import (
+    AlignedTargets,
+    TeacherTargets,
+    loss_sums,
+    multi_loss_sums,
+    shared_buckets,
+    xtok_position_loss,
+)
 
 TEXTS = [f"def add_{i}(x, y):\n    return x + y  # é {i * 7}" for i in range(40)] + \
         [f"{a} + {b} = {a + b}" for a in range(20) for b in range(0, 40, 7)]
@@ -78,7 +85,7 @@ def test_rows_continue_across_row_boundaries_only_when_allowed():
 def test_pack_with_offsets_matches_pack_and_spans_cover_the_text(toks, name):
     tok = toks[name]
     docs = TEXTS[:12]
-    ids, mask, cs, ce = align.pack_with_offsets(tok, docs, 16, 0)
+    ids, mask, cs, ce = data.pack_with_offsets(tok, docs, 16, 0)
     ids0, mask0 = data.pack(tok, docs, 16, 0)
     assert torch.equal(ids, ids0) and torch.equal(mask, mask0)
     coord = "".join(d + "\x1e" for d in docs)
@@ -99,8 +106,8 @@ def test_pack_with_offsets_matches_pack_and_spans_cover_the_text(toks, name):
 
 def test_two_tokenizers_of_the_same_text_align_most_positions(toks):
     docs = TEXTS[:30]
-    s = align.pack_with_offsets(toks["bpe"], docs, 32)
-    t = align.pack_with_offsets(toks["uni"], docs, 32)
+    s = data.pack_with_offsets(toks["bpe"], docs, 32)
+    t = data.pack_with_offsets(toks["uni"], docs, 32)
     table = align.align_positions(align.next_token_starts(s[2], s[3], s[1], True),
                                   align.next_token_starts(t[2], t[3], t[1], True))
     got = table >= 0

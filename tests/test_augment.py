@@ -11,13 +11,15 @@ from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nexus_core import augment, shards  # noqa: E402
 from nexus_core.errors import PlanMismatchError, StageInterrupted  # noqa: E402
-from nexus_core.kd_data import open_streams  # noqa: E402
-from nexus_core.plan import DistillPlan  # noqa: E402
+from nexus_core.kd import augment
+from nexus_core.kd.streams import open_streams
+from nexus_core.records.plan import DistillPlan
 from nexus_core.stages.distill import run_distill  # noqa: E402
 from nexus_core.stages.extract import run_extract  # noqa: E402
-from test_extract import Recorder, setup_home, shard_files, teachers, tokenizer  # noqa: E402,F401
+from nexus_core.storage import shards
+from nexus_core.storage.profiles import read_profiles
+from tests.helpers import Recorder, setup_home, shard_files
 
 SLUG = "reasoning__arith"
 
@@ -99,14 +101,14 @@ def test_distill_reads_each_teachers_copies_as_a_stream_and_refuses_missing_ones
                                           memory={"budget": "8GB"})
     run_extract(cfg, teacher, ref, paths)
     plan = DistillPlan(teachers=(teacher,), primary="tiny", datasets=(ref.key,))
-    streams, info = open_streams(cfg, plan, paths)
+    streams, info = open_streams(cfg, plan, paths, read_profiles(paths, plan.teachers))
     assert [s.n for s in streams][1] == 2 * streams[0].n and {s.dataset for s in streams} == {ref.key}
     assert info["teacher_usage"]["tiny"]["domains"][ref.key]["augmented_sequences"] == streams[1].n
     res = run_distill(cfg, plan, paths)
     assert res.data["eval"][ref.key]["student"]["loss"] > 0
     cfg_more, teacher, ref, _ = setup_home(paths.home, teachers["llama"][0], extract={"augment": 5})
     with pytest.raises(PlanMismatchError, match="augment"):
-        open_streams(cfg_more, plan, paths)
+        open_streams(cfg_more, plan, paths, read_profiles(paths, plan.teachers))
 
 
 def test_samples_continue_each_rows_prompt_deterministically_and_are_made_once(tmp_path, teachers):
@@ -131,8 +133,8 @@ def test_samples_continue_each_rows_prompt_deterministically_and_are_made_once(t
 
 
 def test_nexus_run_with_augmentation_end_to_end(demo_workdir, redis_conn, redis_url):
-    from nexus_core.events import read_events
-    from tests.e2e import nexus, of_type
+    from nexus_core.records.events import read_events
+    from tests.helpers import nexus, of_type
 
     paths = demo_workdir
     flags = ("--extract-augment", "1", "--extract-augment-samples", "1")

@@ -10,68 +10,14 @@ Parser-level cases and its hypothesis fuzz: tests/test_registry.py.
 from __future__ import annotations
 
 import json
-import pickle
-import shutil
 from pathlib import Path
 
 import pytest
 
-from nexus_core.events import read_events
-from tests.conftest import ARITH, CODE, FAST_SETTINGS, register, write_dataset
-from tests.e2e import nexus, of_type
+from nexus_core.records.events import read_events
+from tests.helpers import ARITH, CODE, FAST_SETTINGS, bad_model_folders, nexus, of_type, register, write_dataset
 
 ENV = dict(FAST_SETTINGS)
-
-
-class _Trap:
-    """Unpickling this touches a marker file: proof that a .bin was (or was not) loaded."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def _copy_teacher(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _bad_model_folders(root: Path, teacher: Path, markers: Path) -> dict[str, Path]:
-    """Model folders that pass the registry's file checks but must fail at load (profile)."""
-    out = {}
-    # config.json that does not match its weights (wider hidden size than the tensors)
-    d = _copy_teacher(teacher, root / "mismatch")
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["hidden_size"] = cfg["hidden_size"] * 2
-    (d / "config.json").write_text(json.dumps(cfg))
-    out["mismatch"] = d
-    # a tokenizer that fails to load
-    d = _copy_teacher(teacher, root / "badtok")
-    (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"')
-    out["badtok"] = d
-    # custom model code, trust_remote_code absent: the code must never run
-    d = _copy_teacher(teacher, root / "remote")
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(model_type="nexus-custom-arch", architectures=["CustomForCausalLM"],
-               auto_map={"AutoConfig": "configuration_custom.CustomConfig",
-                         "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
-    (d / "config.json").write_text(json.dumps(cfg))
-    trap = f"import pathlib\npathlib.Path({str(markers / 'remote-code-ran')!r}).touch()\n"
-    (d / "configuration_custom.py").write_text(trap)
-    (d / "modeling_custom.py").write_text(trap)
-    out["remote"] = d
-    # pickle-only weights: refused, never unpickled
-    d = _copy_teacher(teacher, root / "pickled")
-    for f in d.glob("*.safetensors"):
-        f.unlink()
-    (d / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(markers / "pickle-ran")))
-    out["pickled"] = d
-    # not a model folder at all
-    (root / "empty").mkdir()
-    out["empty"] = root / "empty"
-    return out
 
 
 def _write(paths, name: str, text: str) -> str:
@@ -91,7 +37,7 @@ def test_every_bad_teacher_is_reported_and_the_good_one_completes(workdir, tiny_
     paths = workdir
     write_dataset(paths, "reasoning/arith", [{"text": t} for t in ARITH])
     register(paths, "tiny", tiny_teacher_dir)
-    folders = _bad_model_folders(tmp_path / "models", tiny_teacher_dir, markers)
+    folders = bad_model_folders(tmp_path / "models", tiny_teacher_dir, markers)
     good = str(tiny_teacher_dir)
 
     def teacher(tid, path=good, **extra):
@@ -117,7 +63,8 @@ def test_every_bad_teacher_is_reported_and_the_good_one_completes(workdir, tiny_
                + "[" * 3000 + "]" * 3000 + "}"): ("'x'", "nested too deeply"),
     }
     # model-level problems -> StageFailed(profile, bad_input=true)
-    failing = {"mismatch": "config.json", "badtok": "tokenizer", "remote": "trust_remote_code"}
+    failing = {"mismatch": "config.json", "badtok": "tokenizer", "remote": "trust_remote_code",
+               "layers": "num_hidden_layers=1000000", "wide": "intermediate_size=1000000000"}
     for tid in failing:
         _write(paths, f"{tid}.json", teacher(tid, folders[tid]))
 
@@ -130,7 +77,7 @@ def test_every_bad_teacher_is_reported_and_the_good_one_completes(workdir, tiny_
         message = by_source[source].data["message"]
         words = word if isinstance(word, tuple) else (word,)
         assert "\n" not in message and message.startswith(source) and any(w in message for w in words), message
-        assert source in result.stderr  # and said on the terminal
+        assert result.stderr.count(f"rejected: {source}") == 1, result.stderr  # said on the terminal, once
     for tid, word in failing.items():
         failed = [e for e in of_type(events, "StageFailed", "profile") if e.teacher_id == tid]
         assert len(failed) == 1, (tid, [e.data.get("error") for e in of_type(events, "StageFailed")])

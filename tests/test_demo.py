@@ -10,13 +10,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nexus_core.atomic import sha256_file
 from nexus_core.config import Settings
 from nexus_core.data import DatasetRef, load_texts
-from nexus_core.demo import DemoSpec, eval_causal_lm, format_params, prepare_demo, train_causal_lm
-from nexus_core.demo_data import DataSpec, arithmetic_rows, ensure_datasets, stdlib_files
+from nexus_core.demo.demo_data import DataSpec, arithmetic_rows, ensure_datasets, stdlib_files
+from nexus_core.demo.prepare import DemoSpec, format_params, prepare_demo
+from nexus_core.kd.trainer import eval_causal_lm, train_causal_lm
 from nexus_core.paths import Paths
-from nexus_core.registry import parse_registry_file, registry_files
+from nexus_core.records.registry import parse_registry_file, registry_files
+from nexus_core.storage.atomic import sha256_file
 
 SMALL = DemoSpec.small()
 
@@ -82,7 +83,7 @@ def test_datasets_have_expected_columns_and_same_bytes(tmp_path):
 def test_train_causal_lm_lowers_loss():
     import torch
 
-    from nexus_core.model_factory import build_model, make_config
+    from nexus_core.demo.model_factory import build_model, make_config
 
     torch.manual_seed(0)
     ids = torch.arange(32).repeat(16, 2)[:, :48] % 32  # (16, 48) a learnable periodic pattern

@@ -8,14 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kd_fixtures import build_workdir, make_teacher, write_profile, write_shards
-from nexus_core import checkpoint as ckpt
+from nexus_core.context import Control, StageContext
 from nexus_core.errors import BadInputError, CorruptArtifactError, PlanMismatchError, StageInterrupted
+from nexus_core.kd.student import build_student
 from nexus_core.paths import Paths
-from nexus_core.plan import DistillPlan
-from nexus_core.stages.context import Control, StageContext
+from nexus_core.records.plan import DistillPlan
 from nexus_core.stages.distill import run_distill
-from nexus_core.student import build_student
+from nexus_core.storage import checkpoint as ckpt
+from nexus_core.storage.profiles import read_profile
+from tests.helpers import build_workdir, make_teacher, write_profile, write_shards
 
 
 class RecCtx(StageContext):
@@ -177,7 +178,7 @@ def test_pruned_student_keeps_the_most_important_layers(work):
     from transformers import AutoModelForCausalLM
 
     cfg, plan, paths, _ = work
-    model, info = build_student(cfg, plan, paths, "cpu")
+    model, info = build_student(cfg, plan, paths, "cpu", read_profile(paths, plan.primary) or {})
     assert info["kept_layers"] == [0, 2] and model.config.num_hidden_layers == 2  # importance .9 .1 .5 .3
     teacher = AutoModelForCausalLM.from_pretrained(plan.primary_teacher.path).state_dict()
     s = model.state_dict()
@@ -186,15 +187,15 @@ def test_pruned_student_keeps_the_most_important_layers(work):
 
 
 def test_student_from_config_when_the_pruned_one_does_not_fit(work, tmp_path):
-    from nexus_core.model_factory import make_config
+    from nexus_core.demo.model_factory import make_config
 
     cfg, plan, paths, _ = work
     small = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget="100KB"))
     with pytest.raises(BadInputError, match="student-config"):
-        build_student(small, plan, paths, "cpu")
+        build_student(small, plan, paths, "cpu", read_profile(paths, plan.primary) or {})
     make_config("llama", vocab_size=10, hidden=16, layers=1, heads=2, kv_heads=1).save_pretrained(tmp_path / "sc")
     small = dataclasses.replace(small, student=dataclasses.replace(cfg.student, config=str(tmp_path / "sc")))
-    model, info = build_student(small, plan, paths, "cpu")
+    model, info = build_student(small, plan, paths, "cpu", read_profile(paths, plan.primary) or {})
     assert info["source"] == "config" and model.config.hidden_size == 16
     assert model.config.vocab_size == len(work[3])
 

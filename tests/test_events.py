@@ -7,9 +7,9 @@ import multiprocessing as mp
 
 import pytest
 
+from nexus_core.broker.keys import StageStatus
 from nexus_core.errors import CorruptLogError
-from nexus_core.events import EventLog, read_events, replay
-from nexus_core.keys import StageStatus
+from nexus_core.records.events import EventLog, read_events, replay
 
 
 def _writer(path, n, tag):
@@ -76,6 +76,18 @@ def test_gap_in_seq_is_an_error(tmp_path):
         read_events(path)
 
 
+def test_a_duplicated_line_is_named_as_such_not_as_a_gap(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = EventLog(path)
+    for _ in range(3):
+        log.append("RunStarted")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1], lines[1], lines[2]]) + "\n")
+    with pytest.raises(CorruptLogError, match="line 3 repeats seq 2.*duplicated") as err:
+        read_events(path)
+    assert "missing" not in str(err.value)
+
+
 def test_replay_of_a_recorded_log_gives_the_expected_state(tmp_path):
     log = EventLog(tmp_path / "log.jsonl")
     teacher = {"teacher_id": "t1", "path": "/m", "status": "ready", "source": "registry/t1.json"}
@@ -94,7 +106,7 @@ def test_replay_of_a_recorded_log_gives_the_expected_state(tmp_path):
     state = replay(log.read())
     assert state.last_seq == 11
     assert state.teachers["t1"].active is False
-    assert state.rejections["registry/bad.json"]["reason"] == "not valid JSON"
+    assert list(state.rejections["registry/bad.json"]) == ["not valid JSON"]
     assert state.stages["profile-aaa"].status == StageStatus.DONE
     ext = state.stages["extract-bbb"]
     assert (ext.status, ext.dataset, ext.error, ext.attempts) == (StageStatus.FAILED, "a/b", "disk full", 1)

@@ -4,94 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from nexus_core.teacher import tokenizer_from
+from nexus_core.teachers.loading import tokenizer_from
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nexus_core import data, model_factory as mf, shards  # noqa: E402
-from nexus_core.config import load_settings  # noqa: E402
+from nexus_core import data
+from nexus_core.context import Control
 from nexus_core.data import DatasetRef  # noqa: E402
 from nexus_core.errors import DatasetError, DiskFullError, NexusError, StageInterrupted  # noqa: E402
-from nexus_core.paths import Paths  # noqa: E402
-from nexus_core.registry import parse_teacher  # noqa: E402
-from nexus_core.stages.context import Control, StageContext  # noqa: E402
 from nexus_core.stages.extract import run_extract  # noqa: E402
-from nexus_core.stages.profile import run_profile  # noqa: E402
-
-DOCS = [f"<<{i:04d}>> {i} plus {i * 3 % 17} is {i + i * 3 % 17}. the cat sat on mat {i % 7}." for i in range(160)]
-PADDED_VOCAB = 320
-K = 8
-
-
-class Recorder(StageContext):
-    """Records every call; `stop_after` shards done -> poll() answers STOP_USR1."""
-
-    def __init__(self, stop_after: int | None = None, script: dict | None = None):
-        self.calls: list[tuple[str, dict]] = []
-        self.stop_after = stop_after
-        self.script = script or {}  # poll number -> Control
-        self.polls = 0
-
-    def started(self, **d): self.calls.append(("started", d))
-    def progress(self, **d): self.calls.append(("progress", d))
-    def oom_recovered(self, **d): self.calls.append(("oom", d))
-    def checkpoint_saved(self, step, reason, path=None): self.calls.append(("checkpoint", {"step": step, "reason": reason}))
-
-    def wait_while_paused(self): self.calls.append(("waited", {}))
-
-    def poll(self):
-        self.polls += 1
-        if self.polls in self.script:
-            return self.script[self.polls]
-        done = sum(1 for c in self.calls if c[0] == "progress")
-        return Control.STOP_USR1 if self.stop_after is not None and done >= self.stop_after else Control.CONTINUE
-
-    def of(self, kind):
-        return [d for c, d in self.calls if c == kind]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return mf.train_tokenizer(DOCS, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("teachers")
-    out = {}
-    for arch in ("llama", "qwen2"):
-        model = mf.build_model(mf.make_config(arch, vocab_size=PADDED_VOCAB, tokenizer=tokenizer), seed=2)
-        out[arch] = (mf.save_model(model, tokenizer, root / arch), model)
-    return out
-
-
-def setup_home(home: Path, teacher_dir: Path, docs=DOCS, **sections):
-    """Dataset + settings + teacher + profile in a fresh NEXUS_HOME."""
-    folder = home / "datasets" / "reasoning" / "arith"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "data.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    base = {"run": {"device": "cpu"}, "profile": {"calibration_samples": 4},
-            "extract": {"seq_len": 32, "top_k": K, "batch_size": 4, "shard_size": 8, "max_samples": 0,
-                        "logit_chunk": 48}}
-    for sec, kv in sections.items():
-        base.setdefault(sec, {}).update(kv)
-    cfg = load_settings(home=home, environ={}, **base)
-    teacher = parse_teacher({"teacher_id": "tiny", "path": str(teacher_dir), "status": "ready"}, "test", home)
-    ref = DatasetRef("reasoning", "arith")
-    run_profile(cfg, teacher, Paths(home), [ref])
-    return cfg, teacher, ref, Paths(home)
-
-
-def shard_files(paths: Paths) -> dict[str, bytes]:
-    d = paths.shard_dir("tiny", "reasoning__arith")
-    return {p.name: p.read_bytes() for p in sorted(d.glob("shard-*.safetensors"))}
+from nexus_core.storage import shards
+from tests.helpers import DOCS, K, Recorder, setup_home, shard_files
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -285,7 +214,7 @@ def test_dataset_and_profile_errors(tmp_path, teachers):
 
 
 def test_sli_mode_gives_the_same_shards(tmp_path, teachers):
-    sli = pytest.importorskip("nexus_core.sli")
+    sli = pytest.importorskip("nexus_core.teachers.sli")
     path = teachers["llama"][0]
     if not sli.sli_support(AutoConfig.from_pretrained(path))[0]:
         pytest.skip("SLI does not stream llama")
@@ -307,7 +236,7 @@ class _FakeRunner:
         self.z = logits
 
     def forward(self, ids, mask, keep_layers=(), influence=False):
-        from nexus_core.teacher import ForwardOutput
+        from nexus_core.teachers.runner import ForwardOutput
         return ForwardOutput(final_hidden=self.z[: ids.shape[0]])
 
     def logits(self, h):
@@ -315,7 +244,8 @@ class _FakeRunner:
 
 
 def test_targets_numerics_padding_clamp_and_chunking():
-    from nexus_core.stages.extract import LOG_EPS, _targets
+    from nexus_core.stages.extract import _targets
+    from nexus_core.teachers.logits import LOG_EPS
 
     torch.manual_seed(0)
     z = torch.randn(2, 5, 12) * 4  # (n, T, V=12); the tokenizer has 10 real tokens

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from nexus_core import shards
 from nexus_core.config import load_settings
 from nexus_core.errors import StageInterrupted
-from nexus_core.events import EventLog, read_events, replay
+from nexus_core.records.events import EventLog, read_events, replay
 from nexus_core.stages.extract import run_extract
+from nexus_core.storage import shards
 from producer.planner import job_id, plan_jobs
-from tests.conftest import ARITH, register, write_dataset
-from tests.e2e import kill_tree, of_type, spawn, wait_for
-from tests.test_extract import Recorder, setup_home
+from tests.helpers import ARITH, Recorder, kill_tree, of_type, register, setup_home, spawn, wait_for, write_dataset
 
 SAMPLES = 40  # 5 shards of 8
 
@@ -133,14 +131,14 @@ def test_planner_range_jobs_and_a_failed_range_excludes_its_pair(workdir, fake_m
     profile_id = specs1[0].job_id
     assert extract1[0].job_id == job_id("extract", {"teacher": _teacher_fp(log), "dataset": "reasoning/x",
                                                     "profile": profile_id, "settings": fp})
-    assert "range" not in extract1[0].payload
+    assert "range" not in extract1[0].payload.to_dict()
 
     _, cfg = _planned(workdir, fake_model, {"NEXUS_EXTRACT_RANGES": "2"})
     specs, plan = plan_jobs(replay(log.read()), cfg, ["reasoning/x", "reasoning/y"], str(workdir.home))
     again, _ = plan_jobs(replay(log.read()), cfg, ["reasoning/x", "reasoning/y"], str(workdir.home))
     assert [s.job_id for s in specs] == [s.job_id for s in again]  # stable
     extract = [s for s in specs if s.stage == "extract"]
-    assert [(s.dataset, s.payload["range"]) for s in extract] == [("reasoning/x", [0, 2]), ("reasoning/x", [1, 2]),
+    assert [(s.dataset, s.payload.to_dict()["range"]) for s in extract] == [("reasoning/x", [0, 2]), ("reasoning/x", [1, 2]),
                                                                 ("reasoning/y", [0, 2]), ("reasoning/y", [1, 2])]
     assert extract[1].description == "extract a on reasoning/x (part 2/2)"
     assert len({s.job_id for s in extract} | {s.job_id for s in extract1}) == 6
@@ -158,9 +156,8 @@ def test_planner_range_jobs_and_a_failed_range_excludes_its_pair(workdir, fake_m
 
 
 def _teacher_fp(log) -> str:
-    from nexus_core.registry import Teacher
 
-    return Teacher.from_dict(replay(log.read()).active_teachers()[0]).fingerprint()
+    return replay(log.read()).active_teachers()[0].fingerprint()
 
 
 @pytest.mark.slow  # ~20 s quiet, ~50 s on a busy 2-core machine; tests/test_scale.py runs ranges = 2 too

@@ -18,8 +18,17 @@ import time
 
 import pytest
 
-from tests.e2e import kill_tree, nexus, spawn, wait_for
-from tests.test_faults import ENV, assert_same_outputs, completed_once, make_workdir, no_temp_files, reference  # noqa: F401
+from tests.helpers import (
+    ENV,
+    assert_same_outputs,
+    completed_once,
+    kill_tree,
+    make_workdir,
+    nexus,
+    no_temp_files,
+    spawn,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

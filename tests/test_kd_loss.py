@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from nexus_core import kd_loss
-from nexus_core.kd_loss import TeacherTargets
-from nexus_core.model_factory import build_model, make_config
+from nexus_core.demo.model_factory import build_model, make_config
+from nexus_core.kd import loss as kd_loss
+from nexus_core.kd.loss import TeacherTargets
 
 
 def test_bucket_kl_matches_hand_computation():

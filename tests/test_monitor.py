@@ -11,13 +11,15 @@ import time
 import types
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from nexus_core import keys
+from nexus_core.broker import keys
 from nexus_core.config import ThermalSettings, load_settings
-from nexus_core.events import read_events
-from nexus_core.paths import Paths
+from nexus_core.records.events import read_events
+from tests.helpers import wait_until
 from workers import gpu, monitor
 from workers.monitor import Action, MonitorState, monitor_step
 
@@ -127,16 +129,6 @@ def fast_cfg(home, **thermal):
     return load_settings(home, environ={}, thermal=th)
 
 
-def wait_for(pred, timeout=5.0, step=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
-
-
 def event_types(paths):
     return [e.type for e in read_events(paths.log)]
 
@@ -157,21 +149,21 @@ def test_file_sensor_pause_extend_resume(workdir, conn):
     sensor_file.write_text("60\n")
     pubsub = conn.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.CONTROL_CHANNEL)
-    wait_for(lambda: pubsub.get_message(timeout=0.01) is None and conn.pubsub_numsub(keys.CONTROL_CHANNEL)[0][1] == 1)
+    wait_until(lambda: pubsub.get_message(timeout=0.01) is None and conn.pubsub_numsub(keys.CONTROL_CHANNEL)[0][1] == 1)
 
     stop, rc = threading.Event(), []
     env = {"NEXUS_GPU_SENSOR": f"file:{sensor_file}"}
     t = threading.Thread(target=lambda: rc.append(monitor.main(cfg, paths, conn, stop=stop, environ=env)))
     t.start()
     try:
-        reading = json.loads(wait_for(lambda: conn.get(keys.MONITOR_TEMP_KEY)))
+        reading = json.loads(wait_until(lambda: conn.get(keys.MONITOR_TEMP_KEY)))
         assert reading["temp_c"] == 60.0 and reading["paused"] is False
         assert 0 < conn.pttl(keys.MONITOR_TEMP_KEY) <= 1000
         assert conn.get(keys.PAUSE_KEY) is None
 
         sensor_file.write_text("90\n")
         # value and TTL in one round trip: a stalled test must not see the 0.3 s key expire between them
-        raw, ttl_ms = wait_for(lambda: (lambda r: r if r[0] else None)(
+        raw, ttl_ms = wait_until(lambda: (lambda r: r if r[0] else None)(
             conn.pipeline().get(keys.PAUSE_KEY).pttl(keys.PAUSE_KEY).execute()))
         assert 0 < ttl_ms <= 300
         assert json.loads(raw) == {"cmd": "pause", "seconds": 0.3, "reason": "thermal", "temp_c": 90.0}
@@ -180,13 +172,19 @@ def test_file_sensor_pause_extend_resume(workdir, conn):
         assert len(pause_events) == 1
         assert pause_events[0].data == {"temp_c": 90.0, "threshold_c": 83.0, "seconds": 0.3, "throttle_reasons": []}
 
-        # still hot for two pause lengths: the key is refreshed, no second ThermalPause event
-        time.sleep(0.7)
-        assert conn.exists(keys.PAUSE_KEY)
+        # still hot for over two pause lengths: the pause keeps being extended (re-published, the key set
+        # again), and there is no second ThermalPause event
+        hot_since = time.monotonic()
+
+        def extended_after_two_pause_lengths():
+            msg = pubsub.get_message(timeout=0.05)
+            return (msg and msg["type"] == "message" and json.loads(msg["data"])["cmd"] == "pause"
+                    and time.monotonic() - hot_since >= 0.7)
+        wait_until(extended_after_two_pause_lengths, what="a pause extension 0.7 s into the heat")
         assert event_types(paths) == ["ThermalPause"]
 
         sensor_file.write_text("60\n")
-        wait_for(lambda: "ThermalResume" in event_types(paths))
+        wait_until(lambda: "ThermalResume" in event_types(paths))
         assert not conn.exists(keys.PAUSE_KEY)
         while (msg := next_control(pubsub))["cmd"] == "pause":  # extensions re-publish the pause
             pass
@@ -195,7 +193,7 @@ def test_file_sensor_pause_extend_resume(workdir, conn):
         assert resume.type == "ThermalResume" and resume.data["temp_c"] == 60.0
         assert resume.data["paused_s"] >= 0.7 and resume.data["peak_c"] == 90.0
         assert event_types(paths) == ["ThermalPause", "ThermalResume"]
-        wait_for(lambda: conn.xlen(keys.EVENTS_STREAM) == 2)  # mirrored (after the file) for live views
+        wait_until(lambda: conn.xlen(keys.EVENTS_STREAM) == 2)  # mirrored (after the file) for live views
     finally:
         stop.set()
         t.join(5)

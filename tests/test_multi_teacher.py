@@ -10,14 +10,13 @@ import json
 
 import pytest
 
-from nexus_core.events import read_events
-from tests.conftest import ARITH, CODE, register
-from tests.e2e import nexus, of_type
+from nexus_core.records.events import read_events
+from tests.helpers import ARITH, CODE, nexus, of_type, register
 
 
 @pytest.fixture(scope="session")
 def unigram_teacher_dir(tmp_path_factory):
-    from nexus_core.model_factory import make_teacher, train_tokenizer
+    from nexus_core.demo.model_factory import make_teacher, train_tokenizer
 
     out = tmp_path_factory.mktemp("teachers") / "tiny-unigram"
     tok = train_tokenizer(ARITH + CODE, 200, "unigram")

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
-import time
 
-import pytest
-
-from nexus_core.events import read_events
-from tests.e2e import artefact_bytes, kill_tree, nexus, of_type, spawn, wait_for
+from nexus_core.records.events import read_events
+from tests.helpers import (
+    ARITH,
+    artefact_bytes,
+    bad_model_folders,
+    kill_tree,
+    nexus,
+    of_type,
+    register,
+    spawn,
+    wait_for,
+    wait_until,
+    write_dataset,
+)
 
 STAGES = ("profile", "extract", "distill", "router")
 
@@ -79,27 +88,42 @@ def test_embedded_redis_path_runs_the_pipeline(demo_workdir, monkeypatch):
     assert len(of_type(events, "StageCompleted")) == 4
 
 
-def test_watch_and_worker_process_a_dropped_teacher(workdir, tiny_teacher_dir, fast_env, redis_conn, redis_url):
-    from tests.conftest import ARITH, register, write_dataset
+def test_watch_and_worker_distill_the_good_teachers_when_one_is_bad(workdir, tiny_teacher_dir, fast_env, redis_conn,
+                                                                      redis_url, tmp_path):
+    """`nexus watch` + `nexus worker`, as compose runs them: a good teacher, then another good one and one
+    whose custom code may not run. The bad one fails its profile and is left out; the student and the
+    router complete with the two good ones; nothing is left queued that can never run."""
+    from rq import Queue
+
+    from nexus_core.records.job import JobSerializer
 
     paths = workdir
     write_dataset(paths, "reasoning/arith", [{"text": t} for t in ARITH])
-    env = dict(fast_env)
-    watch = spawn(paths, "watch", redis_url=redis_url, env_extra=env)
-    worker = spawn(paths, "worker", redis_url=redis_url, env_extra=env)
+    bad = bad_model_folders(tmp_path / "models", tiny_teacher_dir, tmp_path)["remote"]
+    watch = spawn(paths, "watch", redis_url=redis_url, env_extra=fast_env)
+    worker = spawn(paths, "worker", redis_url=redis_url, env_extra=fast_env)
     try:
-        time.sleep(1.0)
-        t0 = time.time()
-        register(paths, "tiny", tiny_teacher_dir)
-        wait_for(paths, lambda ev: of_type(ev, "StageStarted", "profile"), timeout=60)
-        latency = time.time() - t0
-        assert latency < 30
-        wait_for(paths, lambda ev: of_type(ev, "StageCompleted", "router"), timeout=300, proc=worker)
+        register(paths, "tiny", tiny_teacher_dir)  # the producer's rescan at start sees it even if it is early
+        wait_for(paths, lambda ev: of_type(ev, "StageStarted", "profile"), timeout=120, proc=worker)
+        register(paths, "tiny2", tiny_teacher_dir)
+        register(paths, "custom", bad)
+
+        def good_plan_done(events):
+            usage = [set(e.data["teacher_usage"]) for e in of_type(events, "StageCompleted", "distill")]
+            return usage and usage[-1] == {"tiny", "tiny2"} and of_type(events, "StageCompleted", "router")
+        wait_for(paths, good_plan_done, timeout=240, proc=worker)
+        queue = Queue("nexus", connection=redis_conn, serializer=JobSerializer)
+        wait_until(lambda: queue.count == 0 and not queue.deferred_job_registry.get_job_ids()
+                   and not queue.started_job_registry.get_job_ids(), timeout=60, what="an empty queue")
     finally:
         kill_tree(watch, 15)
         kill_tree(worker, 15)
     events = read_events(paths.log)
-    assert [len(of_type(events, "StageCompleted", s)) for s in STAGES] == [1, 1, 1, 1]
+    (failed,) = [e for e in of_type(events, "StageFailed", "profile")]
+    assert failed.teacher_id == "custom" and "trust_remote_code" in failed.data["error"]
+    router = of_type(events, "StageCompleted", "router")[-1]
+    distill = of_type(events, "StageCompleted", "distill")[-1]
+    assert distill.seq < router.seq and set(distill.data["teacher_usage"]) == {"tiny", "tiny2"}
 
 
 def test_bad_input_exit_code_and_others_carry_on(demo_workdir, redis_conn, redis_url):

@@ -12,23 +12,16 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nexus_core import model_factory as mf  # noqa: E402
 from nexus_core.config import load_settings  # noqa: E402
 from nexus_core.data import DatasetRef  # noqa: E402
+from nexus_core.demo import model_factory as mf
 from nexus_core.errors import NexusError  # noqa: E402
 from nexus_core.paths import Paths  # noqa: E402
-from nexus_core.registry import parse_teacher  # noqa: E402
-from nexus_core.stages import profile as profile_stage  # noqa: E402
+from nexus_core.records.registry import parse_teacher
 from nexus_core.stages.profile import run_profile  # noqa: E402
-from nexus_core.teacher import TeacherLoadError, tokenizer_fingerprint  # noqa: E402
-
-DOCS = [f"<<{i:04d}>> {i} plus {i * 3 % 17} is {i + i * 3 % 17}. the cat sat on mat {i % 7}." for i in range(160)]
-PADDED_VOCAB = 320  # the model's embedding rows; the tokenizer has fewer tokens
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return mf.train_tokenizer(DOCS, vocab_size=300)
+from nexus_core.teachers import mode as mode_module
+from nexus_core.teachers.loading import TeacherLoadError, tokenizer_fingerprint
+from tests.helpers import DOCS, PADDED_VOCAB
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +133,7 @@ def test_profile_moe_and_sharded_index(tmp_path, teachers):
 def test_mode_fallbacks_without_sli(tmp_path, teachers, monkeypatch):
     path, _ = teachers["llama"]
     ref = write_dataset(tmp_path)
-    monkeypatch.setattr(profile_stage, "_sli_support", lambda config: (False, "not streamable in this test"))
+    monkeypatch.setattr(mode_module, "_sli_support", lambda config: (False, "not streamable in this test"))
     # Over the parameter threshold but it fits: loaded whole, and the reason says why.
     run_profile(settings(tmp_path, memory={"sli_params_threshold": 1000}), teacher_for(path, tmp_path),
                 Paths(tmp_path), [ref])
@@ -153,7 +146,7 @@ def test_mode_fallbacks_without_sli(tmp_path, teachers, monkeypatch):
 
 
 def test_auto_picks_sli_when_over_budget(tmp_path, teachers):
-    sli = pytest.importorskip("nexus_core.sli")
+    sli = pytest.importorskip("nexus_core.teachers.sli")
     path, _ = teachers["llama"]
     ref = write_dataset(tmp_path)
     if not sli.sli_support(mf.make_config("llama", vocab_size=PADDED_VOCAB))[0]:

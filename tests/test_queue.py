@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
-import pytest
 from rq import Queue
 from rq.job import Job, JobStatus
 
 from nexus_core.config import load_settings
-from nexus_core.events import EventLog, read_events, replay
+from nexus_core.records.events import EventLog, read_events, replay
+from nexus_core.records.job import JobSerializer
 from producer.planner import plan_jobs
 from producer.sync import sync_once
 from producer.watch import watch
-from tests.conftest import write_dataset
+from tests.helpers import wait_until, write_dataset
 
 
 def _drop(paths, name, body):
@@ -54,11 +53,11 @@ def test_dropping_the_same_file_twice_enqueues_nothing_new(workdir, fake_model, 
     _drop(workdir, "a.json", body)  # same content again
     second = sync_once(workdir, cfg, redis_conn, log)
     assert second.created == [] and second.scan.events == []
-    q = Queue("nexus", connection=redis_conn)
+    q = Queue("nexus", connection=redis_conn, serializer=JobSerializer)
     assert q.count == 1  # profile is queued, the rest wait on it
-    statuses = [Job.fetch(j, connection=redis_conn).get_status() for j in first.created]
+    statuses = [Job.fetch(j, connection=redis_conn, serializer=JobSerializer).get_status() for j in first.created]
     assert statuses == [JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.DEFERRED, JobStatus.DEFERRED]
-    job = Job.fetch(first.created[1], connection=redis_conn)
+    job = Job.fetch(first.created[1], connection=redis_conn, serializer=JobSerializer)
     assert job.timeout == cfg.run.job_timeout_s and job.description.startswith("extract a on reasoning/x")
     assert _types(workdir).count("StageQueued") == 4
 
@@ -69,7 +68,7 @@ def test_a_failed_job_is_recreated_with_its_dependents(workdir, fake_model, redi
     log = EventLog(workdir.log, redis=redis_conn)
     _drop(workdir, "a.json", {"teacher_id": "a", "path": str(fake_model), "status": "ready"})
     first = sync_once(workdir, cfg, redis_conn, log)
-    Job.fetch(first.created[0], connection=redis_conn).delete()  # as if lost with a Redis flush
+    Job.fetch(first.created[0], connection=redis_conn, serializer=JobSerializer).delete()  # as if lost with a Redis flush
     again = sync_once(workdir, cfg, redis_conn, log)
     assert again.created == first.created  # the dependents are rebuilt too, none left dangling
 
@@ -78,20 +77,23 @@ def test_a_two_part_write_produces_one_teacher_added(workdir, fake_model, redis_
     cfg = load_settings(workdir.home, environ={})
     log = EventLog(workdir.log, redis=redis_conn)
     stop = threading.Event()
-    t = threading.Thread(target=watch, args=(workdir, cfg, redis_conn, log, stop), daemon=True)
+    passes = []
+    t = threading.Thread(target=watch, args=(workdir, cfg, redis_conn, log, stop), kwargs={"on_sync": passes.append},
+                         daemon=True)
     t.start()
-    time.sleep(0.5)
+    wait_until(lambda: passes, what="the producer's first pass")
     text = json.dumps({"teacher_id": "slow", "path": str(fake_model), "status": "ready"})
     f = workdir.registry / "slow.json"
     with open(f, "w") as fh:
         fh.write(text[:20])
         fh.flush()
-        time.sleep(0.8)  # the producer sees a half-written file in between
+        wait_until(lambda: any(f in p.scan.pending for p in passes), what="a pass that sees the half-written file")
         fh.write(text[20:])
-    deadline = time.time() + 10
-    while time.time() < deadline and "TeacherAdded" not in _types(workdir):
-        time.sleep(0.1)
-    time.sleep(0.5)
+    wait_until(lambda: any(p.scan.events for p in passes), what="the pass that records the teacher")
+    settled = len(passes)  # one more pass, provoked by another file in the folder, finds nothing new to record
+    (workdir.registry / "notes.txt").write_text("not a teacher")
+    wait_until(lambda: passes[settled:], what="a pass after the teacher was added")
+    assert not passes[-1].scan.pending and not passes[-1].scan.events
     stop.set()
     t.join(timeout=5)
     types = _types(workdir)
@@ -107,9 +109,7 @@ def test_watch_rescans_at_start(workdir, fake_model, redis_conn):
     t = threading.Thread(target=watch, args=(workdir, cfg, redis_conn, EventLog(workdir.log), stop),
                          kwargs={"on_sync": seen.append}, daemon=True)
     t.start()
-    deadline = time.time() + 10
-    while time.time() < deadline and not seen:
-        time.sleep(0.05)
+    wait_until(lambda: seen, what="the producer's first pass")
     stop.set()
     t.join(timeout=5)
     assert "TeacherAdded" in _types(workdir)

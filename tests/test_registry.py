@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_core.events import EventLog, read_events, replay
-from nexus_core.registry import parse_registry_file
+from nexus_core.records.events import EventLog, read_events, replay
+from nexus_core.records.registry import parse_registry_file
 from producer.scan import scan_registry
 
 
@@ -116,6 +116,32 @@ def test_scan_records_added_updated_removed_rejected_once(workdir, model_dir):
     scan_registry(workdir, log, replay(log.read()))
     assert log.read()[-1].type == "TeacherRemoved"
     assert replay(read_events(workdir.log)).teachers["a"].active is False
+
+
+def test_a_roster_with_a_good_and_a_bad_teacher_reports_the_bad_one_once(workdir, model_dir):
+    """The good teacher's TeacherAdded must not make the next scan forget (and repeat) the file's rejections."""
+    log = EventLog(workdir.log)
+    f = workdir.registry / "roster.json"
+    f.write_text(json.dumps([{"teacher_id": "a", "path": str(model_dir), "status": "ready"},
+                             {"teacher_id": "b", "path": "/no/such/model", "status": "ready"},
+                             {"teacher_id": "c", "path": str(model_dir), "status": "ready", "weight": -1}]))
+    for _ in range(3):
+        scan_registry(workdir, log, replay(log.read()))
+    assert sorted(e.type for e in log.read()) == ["TeacherAdded", "TeacherRejected", "TeacherRejected"]
+    assert len(replay(log.read()).rejections["registry/roster.json"]) == 2
+    f.write_text(json.dumps([{"teacher_id": "a", "path": str(model_dir), "status": "ready"}]))  # fixed
+    scan_registry(workdir, log, replay(log.read()))
+    assert "registry/roster.json" not in replay(log.read()).rejections  # status no longer shows them
+
+
+def test_a_symlink_in_the_registry_is_followed_and_its_target_recorded(workdir, model_dir, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps({"teacher_id": "linked", "path": str(model_dir), "status": "ready"}))
+    (workdir.registry / "linked.json").symlink_to(outside)
+    log = EventLog(workdir.log)
+    scan_registry(workdir, log, replay(log.read()))
+    (added,) = [e for e in log.read() if e.type == "TeacherAdded"]
+    assert added.data["link_target"] == str(outside.resolve())
 
 
 @settings(max_examples=150, deadline=None)

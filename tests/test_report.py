@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from nexus_core.atomic import write_json
-from nexus_core.events import EventLog
-from nexus_core.report import build_report
-from tests.e2e import nexus
+from nexus_core.records.events import EventLog
+from nexus_core.records.report import build_report
+from nexus_core.storage.atomic import write_json
+from tests.helpers import nexus
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAGES = ("profile", "extract", "distill", "router")

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from kd_fixtures import build_workdir
 from nexus_core.stages.distill import run_distill
 from nexus_core.stages.router import route, run_router
+from tests.helpers import build_workdir
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,24 @@ import json
 import time
 
 import pytest
+from rq.worker import Worker
 
-from nexus_core import keys
-from nexus_core.events import read_events
+from nexus_core.broker import keys
 from nexus_core.paths import Paths, check_lockable, filesystem_type
-from tests.conftest import ARITH, CODE, register, write_dataset
-from tests.e2e import artefact_bytes, kill_tree, nexus, of_type, spawn, wait_for
+from nexus_core.records.events import read_events
+from tests.helpers import (
+    ARITH,
+    CODE,
+    artefact_bytes,
+    kill_tree,
+    nexus,
+    of_type,
+    register,
+    spawn,
+    wait_for,
+    wait_until,
+    write_dataset,
+)
 
 DATASETS = {"reasoning/arith": [{"text": t} for t in ARITH], "code/snippets": [{"text": t} for t in CODE],
             "code/more": [{"text": t.replace("add", "sub")} for t in CODE]}
@@ -64,7 +76,9 @@ def test_a_dead_workers_job_is_adopted_after_the_timeout(workdir, tiny_teacher_d
         wait_for(workdir, lambda ev: [e for e in of_type(ev, "CheckpointSaved", "distill") if e.data["step"] >= 2],
                  timeout=240, proc=first)
         second = spawn(workdir, "worker", redis_url=redis_url, env_extra=env)
-        time.sleep(3)  # the second worker is up and idle: the distill job belongs to the first
+        # the second worker is up and idle: the distill job belongs to the first
+        wait_until(lambda: any(w.pid == second.pid and w.get_state() == "idle" for w in Worker.all(connection=redis_conn)),
+                   timeout=120, what="the second worker listening")
         kill_tree(first)  # kill -9 mid-job
         t_kill = time.time()
         wait_for(workdir, lambda ev: len(of_type(ev, "StageStarted", "distill")) == 2, timeout=keys.ALIVE_TTL_S * 4,

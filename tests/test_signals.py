@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import signal
 
-from nexus_core import keys
-from nexus_core.events import read_events
-from tests.e2e import kill_tree, nexus, of_type, spawn, wait_for
+from nexus_core.broker import keys
+from nexus_core.records.events import read_events
+from tests.helpers import kill_tree, nexus, of_type, spawn, wait_for
 
 LONG = {"NEXUS_DISTILL_MAX_STEPS": "60", "NEXUS_DISTILL_EPOCHS": "50", "NEXUS_DISTILL_CHECKPOINT_EVERY": "5"}
 
@@ -92,3 +92,21 @@ def test_injected_oom_is_split_skipped_and_recorded(demo_workdir, redis_conn, re
     assert all(e.data["skipped"] for e in recovered if e.stage == "extract")
     assert all(e.data["skipped"] == 0 for e in recovered if e.stage == "distill")
     assert of_type(events, "StageCompleted", "router")
+
+
+def test_ctrl_c_checkpoints_with_reason_sigint_and_a_rerun_resumes(demo_workdir, redis_conn, redis_url):
+    paths = demo_workdir
+    proc = spawn(paths, "run", redis_url=redis_url, env_extra=LONG)
+    try:
+        wait_for(paths, _distill_checkpoint(5), proc=proc)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl+C sends: the whole foreground group
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert code == 130, proc.stdout.read()[-2000:]
+    events = read_events(paths.log)
+    assert [e.data["reason"] for e in of_type(events, "StagePaused", "distill")] == ["sigint"]
+    assert of_type(events, "CheckpointSaved", "distill")[-1].data["reason"] == "sigint"
+    rerun = nexus(paths, "run", redis_url=redis_url, env_extra=LONG)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]

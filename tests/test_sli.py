@@ -17,9 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from nexus_core import model_factory as mf  # noqa: E402
-from nexus_core.sli import SLIUnsupportedError, StreamingRunner, open_with_fallback, sli_support  # noqa: E402
-from nexus_core.teacher import block_influence  # noqa: E402
+from nexus_core.config import Settings
+from nexus_core.demo import model_factory as mf
+from nexus_core.errors import NexusError
+from nexus_core.records.registry import Teacher
+from nexus_core.storage.safetensors_meta import scan
+from nexus_core.teachers.mode import choose_mode
+from nexus_core.teachers.runner import block_influence
+from nexus_core.teachers.sli import SLIUnsupportedError, StreamingRunner, sli_support
 
 TEXTS = [f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(120)]
 SIZES = dict(hidden=32, layers=3, heads=4, kv_heads=2, intermediate=48, max_pos=64)
@@ -189,11 +194,15 @@ def test_unsupported_architecture_is_named_and_falls_back(tmp_path, tok):
     d = mf.save_model(mf.build_model(cfg), tok, tmp_path / "gpt2")
     with pytest.raises(SLIUnsupportedError, match="gpt2"):
         StreamingRunner(d)
-    runner = open_with_fallback(d, memory_budget_bytes=1 << 30, full_bytes=1 << 20)
-    assert type(runner).__name__ == "FullRunner"
-    runner.close()
-    with pytest.raises(SLIUnsupportedError, match="budget"):
-        open_with_fallback(d, memory_budget_bytes=1 << 10, full_bytes=1 << 20)
+    # --sli always on an architecture SLI cannot stream: loaded whole when it fits, refused when not
+    settings = Settings()
+    settings.run.sli, settings.memory.budget = "always", "1GB"
+    teacher = Teacher("gpt2", str(d), "ready", "")
+    mode, reason, sli_ok, _, _ = choose_mode(settings, teacher, cfg, scan(d), "cpu", torch.float32)
+    assert (mode, sli_ok) == ("full", False) and "cannot stream" in reason
+    settings.memory.budget = "1KB"
+    with pytest.raises(NexusError, match="budget"):
+        choose_mode(settings, teacher, cfg, scan(d), "cpu", torch.float32)
     assert sli_support(mf.make_config("mixtral", vocab_size=300))[0]
 
 

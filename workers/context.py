@@ -10,10 +10,11 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
-from nexus_core import keys
-from nexus_core.events import EVENT_TYPES, EventLog
-from nexus_core.stages.context import Control, StageContext
+from nexus_core.broker import keys
+from nexus_core.context import Control, StageContext
+from nexus_core.records.events import EVENT_TYPES, EventLog
 
 PAUSE_CHECK_EVERY_S = 0.25
 
@@ -24,8 +25,10 @@ class Flags:
     usr1 = False
     usr2 = False
     term = 0
+    stop_signal = "sigterm"  # which one asked to stop: recorded as the checkpoint's reason (Ctrl+C -> sigint)
     stop_after_job = False  # the worker stops taking jobs (USR1, TERM)
     device: str | None = None  # `nexus worker --device cuda:1` overrides the jobs' device
+    home: Path | None = None  # the workdir this worker serves (jobs for another one are refused)
 
     @classmethod
     def clear_handled(cls) -> None:
@@ -46,6 +49,7 @@ def _on_usr2(signum, frame):
 
 def _on_term(signum, frame):
     Flags.term += 1
+    Flags.stop_signal = "sigint" if signum == signal.SIGINT else "sigterm"
     Flags.stop_after_job = True  # also when it lands after the stage's last poll: no next job
     if Flags.term >= 2:
         raise KeyboardInterrupt("second interrupt: aborting the current batch")
@@ -114,7 +118,7 @@ class WorkerContext(StageContext):
 
     def poll(self) -> Control:
         if Flags.term:
-            return Control.STOP_TERM
+            return Control.STOP_INT if Flags.stop_signal == "sigint" else Control.STOP_TERM
         if Flags.usr1:
             return Control.STOP_USR1
         if Flags.usr2:

@@ -4,55 +4,44 @@ from __future__ import annotations
 
 import time
 import traceback
-from pathlib import Path
 
 import structlog
 from rq import get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from nexus_core.atomic import artifact_record
-from nexus_core.config import Settings, load_settings
-from nexus_core.data import DatasetRef
+from nexus_core.broker.keys import Stage
 from nexus_core.errors import NexusError, StageInterrupted
-from nexus_core.events import EventLog, read_events
 from nexus_core.paths import Paths
-from nexus_core.plan import DistillPlan
-from nexus_core.registry import Teacher
-from nexus_core.state import files_intact, replay
+from nexus_core.records.events import EventLog, load_state
+from nexus_core.records.job import JobPayload, JobRefusedError, JobSerializer
+from nexus_core.records.state import files_intact
+from nexus_core.storage.atomic import artifact_record
+from workers.admission import verify_payload
 from workers.context import Flags, WorkerContext, signal_handlers
 
 log = structlog.get_logger("nexus.worker")
 
 
-def _settings(payload: dict) -> Settings:
-    cfg = load_settings(Path(payload["home"]), environ={}, **payload["settings"])
+def _call_stage(payload: JobPayload, paths: Paths, ctx: WorkerContext):
+    cfg = payload.settings
     if Flags.device:
         cfg.run.device = Flags.device
-    return cfg
-
-
-def _call_stage(stage: str, cfg: Settings, payload: dict, paths: Paths, ctx: WorkerContext):
-    if stage == "profile":
+    if payload.stage == Stage.PROFILE:
         from nexus_core.stages.profile import run_profile
 
-        datasets = [DatasetRef.parse(d) for d in payload["datasets"]]
-        return run_profile(cfg, Teacher.from_dict(payload["teacher"]), paths, datasets, ctx)
-    if stage == "extract":
+        return run_profile(cfg, payload.teacher, paths, list(payload.datasets), ctx)
+    if payload.stage == Stage.EXTRACT:
         from nexus_core.stages.extract import run_extract
 
-        part = tuple(payload.get("range", (0, 1)))  # (r, R): block r of R of the dataset's shards
-        return run_extract(cfg, Teacher.from_dict(payload["teacher"]), DatasetRef.parse(payload["dataset"]), paths, ctx,
-                           part)
-    if stage == "distill":
+        return run_extract(cfg, payload.teacher, payload.dataset, paths, ctx, payload.part)
+    if payload.stage == Stage.DISTILL:
         from nexus_core.stages.distill import run_distill
 
-        return run_distill(cfg, DistillPlan.from_dict(payload["plan"]), paths, ctx)
-    if stage == "router":
-        from nexus_core.stages.router import run_router
+        return run_distill(cfg, payload.plan, paths, ctx)
+    from nexus_core.stages.router import run_router
 
-        return run_router(cfg, DistillPlan.from_dict(payload["plan"]), paths, ctx)
-    raise NexusError(f"unknown stage {stage!r}")
+    return run_router(cfg, payload.plan, paths, ctx)
 
 
 def _dependents(job: Job, conn) -> list[Job]:
@@ -64,7 +53,7 @@ def _dependents(job: Job, conn) -> list[Job]:
             continue
         seen.add(jid)
         try:
-            dep = Job.fetch(jid, connection=conn)
+            dep = Job.fetch(jid, connection=conn, serializer=JobSerializer)
         except NoSuchJobError:
             continue
         out.append(dep)
@@ -86,21 +75,32 @@ def fail_dependents(job: Job, conn, events: EventLog, cause: str, bad_input: boo
             pass
 
 
-def run_stage(payload: dict) -> dict:
+def run_stage(raw: dict) -> dict:
+    """JOB_FUNC: one stage job, from its payload to StageCompleted (or StageFailed/StagePaused/JobRefused)."""
     job = get_current_job()
-    conn = job.connection
-    stage, job_id = payload["stage"], job.id
-    paths = Paths(Path(payload["home"]))
+    conn, job_id = job.connection, job.id
+    paths = Paths(Flags.home) if Flags.home else Paths.from_env()  # this worker's workdir, not the payload's say-so
     events = EventLog(paths.log, redis=conn)
-    teacher_id = (payload.get("teacher") or {}).get("teacher_id")
+    state = load_state(paths)
+
+    # 1. the payload is data this worker may act on: it decodes, names this workdir, and its teachers are on record
+    try:
+        payload = verify_payload(raw, state, paths.home)
+    except JobRefusedError as exc:
+        events.append("JobRefused", job_id=job_id, data={"reason": str(exc)})
+        fail_dependents(job, conn, events, f"refused: {exc}")
+        log.error("job refused; nothing of it ran", job_id=job_id, reason=str(exc))
+        raise
+    stage, teacher_id = payload.stage.value, payload.teacher_id
     # every log line of the stage (its own modules' too) carries the job's identity
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(job_id=job_id, stage=stage, teacher=teacher_id, dataset=payload.get("dataset"))
+    structlog.contextvars.bind_contextvars(job_id=job_id, stage=stage, teacher=teacher_id,
+                                           dataset=payload.dataset.key if payload.dataset else None)
     bound = log
 
-    # 1. completed before with intact artefacts (the queue was rebuilt, or its worker died
+    # 2. completed before with intact artefacts (the queue was rebuilt, or its worker died
     #    between recording the completion and telling RQ): record the skip, redo nothing
-    record = replay(read_events(paths.log)).stages.get(job_id)
+    record = state.stages.get(job_id)
     if record is not None and files_intact(record.artifacts, paths.home):
         events.append("StageSkipped", teacher_id=teacher_id, stage=stage, job_id=job_id,
                       data={"reason": "completed earlier with intact artefacts"})
@@ -111,8 +111,7 @@ def run_stage(payload: dict) -> dict:
     bound.info("stage started")
     try:
         with signal_handlers():
-            cfg = _settings(payload)
-            result = _call_stage(stage, cfg, payload, paths, ctx)
+            result = _call_stage(payload, paths, ctx)
     except StageInterrupted as exc:
         ctx.started()
         events.append("StagePaused", teacher_id=teacher_id, stage=stage, job_id=job_id,

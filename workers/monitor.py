@@ -21,8 +21,8 @@ from enum import Enum
 import redis
 import structlog
 
-from nexus_core import keys
-from nexus_core.events import EventLog
+from nexus_core.broker import keys
+from nexus_core.records.events import EventLog
 from workers.gpu import Sensor, SensorError, open_sensor
 
 log = structlog.get_logger("nexus.monitor")

@@ -6,10 +6,12 @@ At start it recovers jobs left `started` by a worker that died (kill -9, power l
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 
+import redis
 import structlog
 from rq import Queue, SimpleWorker
 from rq.exceptions import NoSuchJobError
@@ -17,9 +19,12 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.worker import Worker
 
-from nexus_core import keys
-from nexus_core.errors import NexusError
-from nexus_core.events import EventLog
+from nexus_core.broker import keys
+from nexus_core.errors import NexusError, RedisGoneError
+from nexus_core.paths import Paths
+from nexus_core.records.events import EventLog
+from nexus_core.records.job import JobSerializer
+from workers.admission import structural_refusal
 from workers.context import Flags, install_process_handlers
 
 log = structlog.get_logger("nexus.worker")
@@ -41,11 +46,22 @@ class NexusWorker(SimpleWorker):
         except Exception:
             pass
 
+    lost_redis_is_fatal = False  # burst workers (`nexus run`) stop when Redis is gone; others wait for it
+
     def heartbeat(self, *args, **kwargs):
         self._touch_alive()
-        return super().heartbeat(*args, **kwargs)
+        try:
+            return super().heartbeat(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if self.lost_redis_is_fatal:  # RQ would retry forever; the run that owns this Redis stops instead
+                raise RedisGoneError(f"Redis went away ({str(exc).splitlines()[0][:120]})") from None
+            raise
 
     def execute_job(self, job, queue):
+        reason = structural_refusal(job)  # before RQ resolves anything the job names
+        if reason is not None:
+            self._refuse(job, queue, reason)
+            return
         stop = threading.Event()
 
         def beat():
@@ -62,6 +78,18 @@ class NexusWorker(SimpleWorker):
         if Flags.stop_after_job:
             self._stop_requested = True
 
+    def _refuse(self, job, queue, reason: str) -> None:
+        """Fail a job that is not ours without running any of it: no function, callback or webhook."""
+        with self.connection.pipeline() as p:
+            p.lrem(queue.intermediate_queue_key, 1, job.id)
+            job.set_status(JobStatus.FAILED, pipeline=p)
+            queue.failed_job_registry.add(job, ttl=keys.FAILED_TTL_S, exc_string=f"refused by Nexus: {reason}",
+                                          pipeline=p)
+            p.execute()
+        if self.events is not None:
+            self.events.append("JobRefused", job_id=job.id, data={"reason": reason})
+        log.error("job refused; nothing of it ran", job_id=job.id, reason=reason)
+
     def run_maintenance_tasks(self):
         super().run_maintenance_tasks()
         if self.events is not None:
@@ -75,6 +103,17 @@ class NexusWorker(SimpleWorker):
         except Exception:
             pass
         super().teardown()
+
+
+class _QuietWhenRedisIsGone(logging.Filter):
+    """Drop RQ's multi-page traceback for a lost Redis: the run reports it in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (redis.ConnectionError, redis.TimeoutError, RedisGoneError))
+
+
+logging.getLogger("rq.worker").addFilter(_QuietWhenRedisIsGone())
 
 
 def _alive(conn, worker_name: str | None) -> bool:
@@ -102,12 +141,12 @@ def any_live_worker(conn) -> bool:
 
 def recover_orphans(conn, events: EventLog, me: str | None = None) -> list[str]:
     """Re-enqueue jobs left `started` by a dead worker; their stages resume from partial outputs."""
-    queue = Queue(keys.QUEUE, connection=conn)
+    queue = Queue(keys.QUEUE, connection=conn, serializer=JobSerializer)
     registry = StartedJobRegistry(queue=queue)
     recovered = []
     for job_id in registry.get_job_ids(cleanup=False):
         try:
-            job = Job.fetch(job_id, connection=conn)
+            job = Job.fetch(job_id, connection=conn, serializer=JobSerializer)
         except NoSuchJobError:
             continue
         if job.worker_name == me or _alive(conn, job.worker_name):
@@ -148,16 +187,17 @@ def _visible_gpus() -> int:
         return 0
 
 
-def run_worker(conn, events: EventLog, burst: bool = False, name: str | None = None,
+def run_worker(conn, events: EventLog, paths: Paths, burst: bool = False, name: str | None = None,
                device: str | None = None) -> bool:
-    """Work the queue; returns True when any job ran. Stops after a USR1/TERM-paused job.
+    """Work the queue for the workdir `paths`; returns True when any job ran. Stops after a USR1/TERM-paused job.
 
     `device` (e.g. cuda:1) overrides the device in every job's settings: one worker per GPU.
     """
-    queue = Queue(keys.QUEUE, connection=conn)
+    queue = Queue(keys.QUEUE, connection=conn, serializer=JobSerializer)
     worker = NexusWorker([queue], connection=conn, name=name, worker_ttl=keys.ALIVE_TTL_S,
-                         maintenance_interval=keys.ALIVE_TTL_S)
+                         maintenance_interval=keys.ALIVE_TTL_S, serializer=JobSerializer)
     worker.events = events
+    worker.lost_redis_is_fatal = burst
     if device is None and _visible_gpus() > 1:
         # several GPUs and no --device: take a free one (`docker compose up --scale worker=N`)
         worker.gpu_index = claim_gpu(conn, worker.name, _visible_gpus())
@@ -166,7 +206,7 @@ def run_worker(conn, events: EventLog, burst: bool = False, name: str | None = N
                              "stop one, or start this worker with --device cpu")
         device = f"cuda:{worker.gpu_index}"
         log.info("worker claimed a GPU", device=device)
-    Flags.device = device
+    Flags.device, Flags.home = device, paths.home
     _preload_stages()
     recover_orphans(conn, events, me=worker.name)
     install_process_handlers()

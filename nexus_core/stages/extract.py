@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
 from contextlib import contextmanager
@@ -20,17 +19,20 @@ from pathlib import Path
 
 import torch
 
-from nexus_core import align, augment, data, shards
+from nexus_core import data
 from nexus_core.config import UNFINGERPRINTED, Settings
+from nexus_core.context import Control, StageContext, StageResult
 from nexus_core.data import DatasetRef
 from nexus_core.errors import ConfigError, DatasetError, DiskFullError, NexusError, StageInterrupted
+from nexus_core.kd import augment
 from nexus_core.paths import Paths
-from nexus_core.registry import Teacher
-from nexus_core.stages.context import Control, StageContext, StageResult
-from nexus_core.stages.extract_quality import heldout_quality, kept_mass, logit_positions
-from nexus_core.teacher import load_tokenizer, open_runner, tokenizer_fingerprint, tokenizer_vocab
-
-LOG_EPS = math.log(1e-30)  # tail_logmass floor when the top-k holds (numerically) all the mass
+from nexus_core.records.registry import Teacher
+from nexus_core.storage import shards
+from nexus_core.storage.profiles import load_profile
+from nexus_core.teachers.loading import load_tokenizer, tokenizer_fingerprint, tokenizer_vocab
+from nexus_core.teachers.logits import logit_positions, topk_targets
+from nexus_core.teachers.mode import open_runner
+from nexus_core.teachers.quality import heldout_quality
 
 
 def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Paths,
@@ -40,7 +42,7 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     byte what one job (the default (0, 1)) writes, and measures the teacher's held-out quality."""
     ex = cfg.extract
     # 1. Inputs: the profile (mode, critical layers), the tokenizer, the packed training split.
-    profile = _load_profile(paths, teacher)
+    profile = load_profile(paths, teacher.teacher_id)
     tok = load_tokenizer(teacher)
     tok_fp, real_vocab = tokenizer_fingerprint(tok), tokenizer_vocab(tok)
     if profile.get("teacher_fp") != teacher.fingerprint():
@@ -56,7 +58,7 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     # Character spans of every token (align.py's text coordinate) let distill align this teacher's
     # positions with a student that tokenizes differently; a slow tokenizer has no offset mapping.
     try:
-        ids, mask, cs, ce = align.pack_with_offsets(tok, train, ex.seq_len, ex.max_samples)  # (n, T) each
+        ids, mask, cs, ce = data.pack_with_offsets(tok, train, ex.seq_len, ex.max_samples)  # (n, T) each
     except NotImplementedError:
         ids, mask = data.pack(tok, train, ex.seq_len, ex.max_samples)  # (n, T) int32 / uint8
         cs = ce = None
@@ -66,7 +68,7 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
             "teacher_fp": profile["teacher_fp"], "dataset": dataset.key, "tokenizer_fp": tok_fp,
             "mode": profile["mode"], "k": ex.top_k, "seq_len": ex.seq_len, "hidden_layers": hidden_layers,
             "tokenizer_vocab": real_vocab, "settings_fp": _settings_fp(cfg, hidden_layers),
-            "offsets": cs is not None, "text_fp": align.text_fingerprint(train),
+            "offsets": cs is not None, "text_fp": data.text_fingerprint(train),
             "data_fp": _data_fp(ids, mask), "shard_size": ex.shard_size, "documents": {"train": len(train),
                                                                                   "heldout": len(heldout)}}
     # The teacher is opened on first use: a finished block needs it only when this job measures quality.
@@ -142,12 +144,10 @@ def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: Sta
     n_shards = (n + S - 1) // S
     base = {**base, "planned_shards": n_shards, "planned_sequences": n}
     r, R = part
-    lo, hi = shards.shard_block(r, R, n_shards)
 
     # 2. Resume: keep every verified shard of this job's block (an earlier run's, whatever its R).
-    claim = shards.claim(out_dir, base, lo, hi, part)
-    todo = [s for s in range(lo, hi) if s not in claim.records]
-    resume = todo[0] if todo else hi
+    shard_set = shards.ShardSet(out_dir, base, n_shards, part)
+    lo, hi, todo, resume = shard_set.lo, shard_set.hi, shard_set.todo, shard_set.resume
     if announce:
         ctx.started(resume_shard=resume, **({"part": [r, R], "shard_range": [lo, hi]} if R > 1 else {}))
     else:
@@ -165,7 +165,7 @@ def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: Sta
 
     # 4. Extract shard by shard; batches never cross a shard boundary (resume-exact).
     device = cfg.resolved_device()
-    writer = claim.writer
+    writer = shard_set.writer
     oom_batches = _oom_batches(cfg.faults.oom_at_batches)
     per_shard = (S + ex.batch_size - 1) // ex.batch_size
     if todo:
@@ -202,10 +202,8 @@ def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: Sta
     loop_s = time.perf_counter() - t0
 
     # 5. The block is done; the last job of the dataset writes manifest.json (one job: always).
-    merged = _merge(claim, out_dir, base, part, n_shards, quality)
-    records = claim.writer.manifest["shards"] if claim.writer else list(claim.records.values())
-    own = [rec for rec in records if lo <= shards.shard_index(rec["file"]) < hi]
-    return _result(out_dir, own, merged, part, (lo, hi), resume, tokens_done, loop_s)
+    merged = shard_set.merge(quality)
+    return _result(out_dir, shard_set.own(), merged, part, (lo, hi), resume, tokens_done, loop_s)
 
 
 # --- one batch ---------------------------------------------------------------------------------
@@ -249,30 +247,6 @@ def _batch_start(batch_no: int, ex) -> int:
     return s * ex.shard_size + j * ex.batch_size
 
 
-def topk_targets(logits_fn, flat: torch.Tensor, k: int, real_vocab: int, chunk: int):
-    """(P, H) final hidden states -> top-k ids (P, k) int32, log-probs (P, k) float16, tail log-mass (P,) float32.
-
-    `logits_fn` maps (1, p, H) to (1, p, V) float32 logits; one chunk of `chunk` positions is alive
-    at a time and is reused in place for the tail."""
-    P = flat.shape[0]
-    top_ids = torch.empty(P, k, dtype=torch.int32)
-    top_lp = torch.empty(P, k, dtype=torch.float16)
-    tail = torch.empty(P, dtype=torch.float32)
-    for p0 in range(0, P, chunk):
-        p1 = min(p0 + chunk, P)
-        z = logits_fn(flat[p0:p1].unsqueeze(0)).squeeze(0)  # (p, V) float32
-        if z.shape[-1] > real_vocab:
-            z[:, real_vocab:] = float("-inf")  # padded head rows are not tokens
-        lse = torch.logsumexp(z, dim=-1)  # (p,)
-        v, i = z.topk(k, dim=-1)  # (p, k)
-        top_ids[p0:p1] = i.to("cpu", torch.int32)
-        top_lp[p0:p1] = (v - lse[:, None]).to("cpu", torch.float16)
-        z.scatter_(-1, i, float("-inf"))  # what is left is the tail
-        tail[p0:p1] = (torch.logsumexp(z, dim=-1) - lse).clamp_min(LOG_EPS).cpu()  # log(1 - sum p_topk), exact
-        del z
-    return top_ids, top_lp, tail
-
-
 def _targets(runner, ids, mask, ex, real_vocab, hidden_layers) -> dict[str, torch.Tensor]:
     """Teacher targets for one batch: ids/mask (b, T) -> shard tensors for those b rows."""
     out = runner.forward(ids, mask, keep_layers=hidden_layers)
@@ -303,35 +277,6 @@ def _obey(ctx: StageContext, control: Control, kept: int, total: int, manifest: 
         raise StageInterrupted(control.value, f"{kept} of {total} shards kept in {manifest.parent}; rerun to resume")
 
 
-def _merge(claim: shards.Claim, out_dir: Path, base: dict, part: tuple[int, int], n_shards: int,
-           quality) -> dict | None:
-    """manifest.json when this job completes the dataset (always for one job), else None.
-
-    A range job marks its part complete and, under the folder lock, looks whether every block is
-    done: only the last one to finish sees that (the check and its own mark are one critical
-    section). Kept mass and held-out quality are measured outside the lock, then checked again."""
-    r, R = part
-    if claim.writer is None:
-        return None  # merged before and intact
-    if R == 1:
-        records = claim.writer.manifest["shards"]
-    else:
-        with shards.dir_lock(out_dir):
-            claim.writer.save(complete=True)
-            records = shards.ready_records(out_dir, base, R, n_shards)
-        if records is None:
-            return None
-    mass = kept_mass([out_dir / rec["file"] for rec in records])
-    old = claim.finished  # same inputs, same held-out figures: no need to load the teacher again
-    heldout = old["heldout_quality"] if old is not None and "heldout_quality" in old else quality()
-    with shards.dir_lock(out_dir):
-        if R > 1 and shards.ready_records(out_dir, base, R, n_shards) != records:
-            return None  # a block was restarted meanwhile: its job merges when it ends
-        return shards.write_merged(out_dir, base, records, total_sequences=sum(rec["sequences"] for rec in records),
-                                   kept_mass=mass, heldout_quality=heldout,
-                                   skipped_sequences=[i for rec in records for i in rec.get("skipped", [])])
-
-
 def _result(out_dir: Path, own: list[dict], merged: dict | None, part: tuple[int, int], block: tuple[int, int],
             resume: int, tokens: int, seconds: float) -> StageResult:
     """This job's shards (and manifest.json when it wrote it) and figures; one job: the whole dataset."""
@@ -345,16 +290,6 @@ def _result(out_dir: Path, own: list[dict], merged: dict | None, part: tuple[int
         data.update(part=list(part), shard_range=list(block), merged=merged is not None)
     artifacts = [out_dir / rec["file"] for rec in own] + ([out_dir / shards.MANIFEST] if merged else [])
     return StageResult(artifacts=artifacts, data=data)
-
-
-def _load_profile(paths: Paths, teacher: Teacher) -> dict:
-    path = paths.profile(teacher.teacher_id)
-    if not path.is_file():
-        raise NexusError(f"teacher {teacher.teacher_id!r} has no profile ({path}); run the profile stage first")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise NexusError(f"{path}: unreadable profile ({exc}); delete it and rerun the profile stage") from None
 
 
 def _settings_fp(cfg: Settings, hidden_layers: list[int], augmented: bool = False) -> str:

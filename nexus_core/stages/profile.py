@@ -15,21 +15,25 @@ from pathlib import Path
 
 import torch
 
-from nexus_core import data, safetensors_meta
-from nexus_core.atomic import write_json
-from nexus_core.config import Settings, parse_bytes
+from nexus_core import data
+from nexus_core.config import Settings
+from nexus_core.context import StageContext, StageResult
 from nexus_core.data import DatasetRef
-from nexus_core.errors import DatasetError, CorruptArtifactError, NexusError
+from nexus_core.errors import CorruptArtifactError, DatasetError
 from nexus_core.paths import Paths
-from nexus_core.registry import Teacher
-from nexus_core.stages.context import StageContext, StageResult
-from nexus_core.stages.extract import logit_positions
-from nexus_core.teacher import (TeacherLoadError, default_dtype, load_config, load_tokenizer, open_runner,
-                                tokenizer_fingerprint, tokenizer_vocab)
-
-_EMBED_SUFFIXES = ("embed_tokens.weight", "embed_in.weight", "wte.weight", "word_embeddings.weight")
-_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
-_ELEM_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+from nexus_core.records.registry import Teacher
+from nexus_core.storage import safetensors_meta
+from nexus_core.storage.atomic import write_json
+from nexus_core.teachers.loading import (
+    TeacherLoadError,
+    check_against_weights,
+    load_config,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    tokenizer_vocab,
+)
+from nexus_core.teachers.mode import choose_mode, open_runner
+from nexus_core.teachers.runner import default_dtype
 
 
 def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[DatasetRef],
@@ -49,7 +53,7 @@ def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[Da
     config = load_config(teacher)
     tcfg = config.get_text_config()
     tok = load_tokenizer(teacher)
-    head_vocab, real_vocab = _check_shapes(teacher, tcfg, meta), tokenizer_vocab(tok)
+    head_vocab, real_vocab = check_against_weights(teacher, config, meta), tokenizer_vocab(tok)
     if real_vocab > head_vocab:
         raise TeacherLoadError(f"teacher {teacher.teacher_id!r}: the tokenizer has {real_vocab} tokens but the model only "
                                f"{head_vocab} vocabulary rows; the tokenizer does not belong to these weights")
@@ -88,76 +92,6 @@ def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[Da
     }
     write_json(out, profile)
     return StageResult(artifacts=[out], data=_summary(profile, cached=False))
-
-
-def choose_mode(cfg: Settings, teacher: Teacher, config, meta, device: str, dtype: torch.dtype):
-    """(mode, reason in words, sli_supported, why not, sizes) from --sli, the size and the memory budget."""
-    want = teacher.sli or cfg.run.sli
-    sli_ok, sli_why = _sli_support(config)
-    sizes = _footprint(cfg, config.get_text_config(), meta, device, dtype)
-    need, budget, source = sizes["footprint_bytes"], sizes["budget_bytes"], sizes["budget_source"]
-    fits = need <= budget
-    fit_words = f"estimated footprint {_gb(need)} {'fits' if fits else 'exceeds'} the memory budget {_gb(budget)} ({source})"
-    threshold = cfg.memory.sli_params_threshold
-    if want == "never":
-        return "full", f"--sli never; {fit_words}", sli_ok, sli_why, sizes
-    if want == "always":
-        why = "--sli always"
-    elif meta.params > threshold:
-        why = f"{meta.params / 1e9:.2f}B parameters > sli_params_threshold {threshold / 1e9:g}B"
-    elif not fits:
-        why = fit_words
-    else:
-        return "full", f"--sli auto: {fit_words}", sli_ok, sli_why, sizes
-    if sli_ok:
-        return "sli", why, sli_ok, sli_why, sizes
-    if fits:
-        return "full", f"{why}, but SLI cannot stream this model ({sli_why}); {fit_words}, so it is loaded whole", \
-            sli_ok, sli_why, sizes
-    raise NexusError(f"teacher {teacher.teacher_id!r}: {why}, and SLI cannot stream it ({sli_why}); "
-                     f"{fit_words}. Raise --memory-budget, use a machine with more memory, or pick another teacher")
-
-
-def _sli_support(config) -> tuple[bool, str | None]:
-    try:
-        from nexus_core import sli
-    except ImportError as exc:
-        return False, f"SLI is unavailable ({exc})"
-    ok, why = sli.sli_support(config)
-    return bool(ok), (None if ok else why)
-
-
-def _footprint(cfg: Settings, tcfg, meta, device: str, dtype: torch.dtype) -> dict:
-    """Weights at the load dtype + one batch of activations + one logits chunk + a margin, vs the budget."""
-    elem = _ELEM_BYTES.get(dtype, 4)
-    weights = meta.params * elem
-    B, T = cfg.extract.batch_size, cfg.extract.seq_len
-    H = int(tcfg.hidden_size)
-    inter = int(getattr(tcfg, "intermediate_size", None) or 4 * H)
-    vocab = int(tcfg.vocab_size)
-    acts = B * T * (8 * H + 3 * inter) * elem + min(B * T, logit_positions(cfg.extract, vocab)) * vocab * 4 * 3
-    need = weights + acts + int(0.1 * weights) + (64 << 20)
-    if cfg.memory.budget:
-        budget, source = parse_bytes(cfg.memory.budget), "--memory-budget"
-    elif str(device).startswith("cuda"):
-        budget, source = int(torch.cuda.mem_get_info()[0]), "free CUDA memory"
-    else:
-        import psutil
-
-        budget, source = int(psutil.virtual_memory().available), "available RAM"
-    return {"footprint_bytes": int(need), "budget_bytes": int(budget), "budget_source": source}
-
-
-def _check_shapes(teacher: Teacher, tcfg, meta) -> int:
-    """Config vs weights (embedding shape), without loading them; returns the LM head's rows."""
-    embed = next((t for s in _EMBED_SUFFIXES if (t := meta.find(s))), None)
-    head = next((t for s in _HEAD_SUFFIXES if (t := meta.find(s))), None)
-    if embed is not None and tuple(embed.shape) != (tcfg.vocab_size, tcfg.hidden_size):
-        raise TeacherLoadError(
-            f"teacher {teacher.teacher_id!r} ({teacher.path}): config.json says vocab_size={tcfg.vocab_size}, "
-            f"hidden_size={tcfg.hidden_size} but the embedding in the weights is {list(embed.shape)}; "
-            f"fix config.json or re-save the model")
-    return int((head or embed).shape[0]) if (head or embed) else int(tcfg.vocab_size)
 
 
 def _moe(tcfg) -> dict | None:
@@ -234,5 +168,3 @@ def _summary(p: dict, cached: bool) -> dict:
     return {**{k: p.get(k) for k in keys}, "cached": cached}
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from nexus_core import data
-from nexus_core.atomic import atomic_path, write_json
 from nexus_core.config import Settings
+from nexus_core.context import StageContext, StageResult
 from nexus_core.errors import CorruptArtifactError
 from nexus_core.paths import Paths
-from nexus_core.plan import DistillPlan
-from nexus_core.stages.context import StageContext, StageResult
+from nexus_core.records.plan import DistillPlan
+from nexus_core.storage.atomic import atomic_path, write_json
 
 log = structlog.get_logger("nexus.router")
 MAX_TOKENS, MIN_TOKENS = 64, 6
@@ -72,7 +72,7 @@ def _best_teachers(paths: Paths, plan: DistillPlan) -> dict[str, str]:
 def _load_student(paths: Paths, device: str):
     from transformers import AutoModelForCausalLM
 
-    from nexus_core.teacher import tokenizer_from
+    from nexus_core.teachers.loading import tokenizer_from
 
     if not (paths.release / "config.json").exists():
         raise CorruptArtifactError(f"{paths.release}: no released student; run the distill stage first")

@@ -1,0 +1,115 @@
+"""Teacher-guided augmentation: new distillation rows near a dataset's own, labelled by the teacher.
+
+Why: on a small domain dataset the student soon fits the teacher's distributions on those few rows
+and stops taking in what the teacher knows (bench/bench_kd.py: with 96 sequences per domain the KD
+student is best near 200 steps and then gets worse). More inputs near the data let the teacher teach
+more. Two kinds, both then labelled by the extract stage like any rows:
+- perturbed copies (extract.augment): each token after the first is replaced, with probability p,
+  by a draw from the teacher's own stored top-k distribution at that position, so the replacement
+  is plausible there (another operand, another identifier). Cheap: no extra teacher pass to make.
+- samples (extract.augment_samples): the row's first tokens, continued by the teacher at a
+  temperature. More varied inputs (what helps code most in bench_kd), at one teacher pass per new
+  token (no KV cache, so that the SLI runner can do it too).
+The new rows are KD data only: they have no text, so teachers with another tokenizer cannot be
+aligned onto them, and the plain fine-tune baseline (baseline.py) never reads them.
+
+Deterministic: the draws are seeded by the real rows' fingerprint and the settings, so the same
+inputs give the same shards bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from nexus_core.errors import CorruptArtifactError
+from nexus_core.storage import shards
+
+FOLDER = "augment"  # memory/<teacher>/<dataset>/augment/: a shard folder of its own
+KEYS = ("augment", "augment_p", "augment_samples", "augment_temperature")  # the [extract] settings of this module
+
+
+def folder(shard_dir: Path) -> Path:
+    return Path(shard_dir) / FOLDER
+
+
+def perturb(ids: torch.Tensor, mask: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+            copies: int, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`copies` perturbed copies of the rows, copy after copy: (n, T), (n, T), (n, T, k), (n, T, k) ->
+    (copies * n, T) ids and mask. Position t of a shard describes the token at t + 1."""
+    g = torch.Generator().manual_seed(seed)
+    probs = topk_logprobs.float().exp().flatten(0, 1)  # (n*T, k); the tail is left out: draws stay in the top-k
+    out = []
+    for _ in range(copies):
+        pick = torch.multinomial(probs, 1, generator=g).view(ids.shape)  # (n, T)
+        draw = topk_ids.long().gather(-1, pick.unsqueeze(-1)).squeeze(-1)  # (n, T): a token for position t + 1
+        flip = (torch.rand(ids.shape, generator=g) < p) & mask.bool()
+        flip[:, 0] = False
+        new = ids.clone()
+        new[:, 1:] = torch.where(flip[:, 1:], draw[:, :-1].to(ids.dtype), ids[:, 1:])
+        out.append(new)
+    return torch.cat(out), mask.repeat(copies, 1)
+
+
+def sample_prefix(seq_len: int) -> int:
+    """Tokens of a row kept as the prompt of its samples."""
+    return max(1, min(seq_len - 1, max(8, seq_len // 8)))
+
+
+@torch.no_grad()
+def sampled(runner, ids: torch.Tensor, mask: torch.Tensor, per_row: int, temperature: float, seed: int,
+            batch_size: int, real_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_row` continuations of each row's first sample_prefix tokens, drawn from the teacher at
+    `temperature` up to the row length: (n, T) -> (per_row * m, T) ids and mask (all real), m = the
+    rows whose prompt is all real tokens."""
+    T = ids.shape[1]
+    prefix = sample_prefix(T)
+    prompts = ids[mask[:, :prefix].bool().all(-1), :prefix]
+    out = torch.zeros(per_row * prompts.shape[0], T, dtype=ids.dtype)
+    out[:, :prefix] = prompts.repeat(per_row, 1)
+    g = torch.Generator().manual_seed(seed)
+    for b0 in range(0, out.shape[0], batch_size):
+        rows = out[b0:b0 + batch_size]  # a view: filled in place
+        for t in range(prefix, T):
+            x = rows[:, :t]
+            h = runner.forward(x, torch.ones_like(x)).final_hidden[:, -1]  # (b, H)
+            z = runner.logits(h.unsqueeze(0)).squeeze(0)[:, :real_vocab].float().cpu()  # (b, V)
+            rows[:, t] = torch.multinomial((z / temperature).softmax(-1), 1, generator=g).squeeze(-1).to(ids.dtype)
+    return out, torch.ones(out.shape, dtype=mask.dtype)
+
+
+def new_rows(shard_dir: Path, manifest: dict, base: dict, ex, runner, real_vocab: int):
+    """Perturbed copies and samples of a complete shard folder's rows, and the base of their manifest."""
+    tensors = []
+    for rec in manifest["shards"]:
+        problem = shards.shard_problem(shard_dir, rec)
+        if problem:
+            raise CorruptArtifactError(f"{problem}; delete {shard_dir} and rerun extract")
+        tensors.append(load_file(str(Path(shard_dir) / rec["file"])))
+    cat = {k: torch.cat([t[k] for t in tensors]) for k in ("input_ids", "attention_mask", "topk_ids", "topk_logprobs")}
+    spec = settings(ex)
+    seed = int(hashlib.sha256(f"{manifest['data_fp']}|{manifest['teacher_fp']}|{spec}".encode()).hexdigest()[:15], 16)
+    parts = []
+    if ex.augment:
+        parts.append(perturb(cat["input_ids"], cat["attention_mask"], cat["topk_ids"], cat["topk_logprobs"],
+                             ex.augment, ex.augment_p, seed))
+    if ex.augment_samples:
+        parts.append(sampled(runner(), cat["input_ids"], cat["attention_mask"], ex.augment_samples,
+                             ex.augment_temperature, seed + 1, ex.batch_size, real_vocab))
+    ids, mask = torch.cat([x[0] for x in parts]), torch.cat([x[1] for x in parts])
+    return ids, mask, {**base, "offsets": False, "augment": spec, "augment_of": manifest["data_fp"]}
+
+
+def settings(ex) -> dict:
+    """The augment settings as the manifest records them (distill checks them against its own)."""
+    out = {"copies": ex.augment, "p": ex.augment_p} if ex.augment else {}
+    if ex.augment_samples:
+        out.update(samples=ex.augment_samples, temperature=ex.augment_temperature)
+    return out
+
+
+def wanted(ex) -> bool:
+    return bool(ex.augment or ex.augment_samples)

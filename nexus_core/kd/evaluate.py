@@ -1,0 +1,114 @@
+"""Held-out evaluation: loss and perplexity of the student and of each teacher, per dataset.
+
+The held-out split is the fixed hash split of data.py, which extraction never sees; it is
+packed with the primary teacher's tokenizer. A teacher is evaluated only when its
+tokenizer agrees with the primary's (same ids, so the same token-level loss).
+"""
+
+from __future__ import annotations
+
+import math
+
+import structlog
+import torch
+import torch.nn.functional as F
+
+from nexus_core import data
+from nexus_core.config import Settings
+from nexus_core.errors import DatasetError
+from nexus_core.paths import Paths
+from nexus_core.records.plan import DistillPlan
+
+log = structlog.get_logger("nexus.distill")
+MAX_HELDOUT_SEQUENCES = 64
+
+
+def heldout(cfg: Settings, paths: Paths, tokenizer, dataset: str):
+    """(input_ids int32 [n, T], attention_mask uint8 [n, T]) of a dataset's held-out split, or None."""
+    texts = data.load_texts(paths, data.DatasetRef.parse(dataset), cfg.extract.text_field)
+    _, held = data.split(texts, cfg.extract.heldout_fraction)
+    if not held:
+        return None
+    try:
+        return data.pack(tokenizer, held, cfg.extract.seq_len, MAX_HELDOUT_SEQUENCES)
+    except DatasetError:
+        return None
+
+
+@torch.no_grad()
+def lm_loss(logits_fn, ids: torch.Tensor, mask: torch.Tensor, vocab: int, device: str, batch_size: int = 8) -> dict:
+    """Mean next-token cross-entropy over real positions; logits_fn(ids, mask) -> (b, T, V)."""
+    total, count = 0.0, 0
+    for i in range(0, ids.shape[0], batch_size):
+        x = ids[i:i + batch_size].long().to(device)
+        m = mask[i:i + batch_size].long().to(device)
+        logp = F.log_softmax(logits_fn(x, m)[..., :vocab].float(), dim=-1)  # (b, T, V)
+        nll = -logp[:, :-1].gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)  # (b, T-1)
+        real = (m[:, :-1] * m[:, 1:]).bool()
+        total += nll[real].double().sum().item()
+        count += int(real.sum())
+    loss = total / max(count, 1)
+    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4), "tokens": count}
+
+
+def model_logits(model):
+    def fn(x, m):
+        return model(input_ids=x, attention_mask=m).logits
+
+    return fn
+
+
+def _same_tokenizer(profiles: dict, plan: DistillPlan, teacher, primary_tok) -> bool:
+    fp_t = (profiles.get(teacher.teacher_id) or {}).get("tokenizer_fp")
+    fp_p = (profiles.get(plan.primary) or {}).get("tokenizer_fp")
+    if fp_t and fp_p:
+        return fp_t == fp_p
+    from nexus_core.teachers.loading import tokenizer_from
+
+    return tokenizer_from(teacher.path, teacher.trust_remote_code).get_vocab() == primary_tok.get_vocab()
+
+
+def _teacher_logits_fn(profile: dict, teacher, device: str):
+    """A teacher's logits function and a closer: full load, or the streaming runner for SLI teachers."""
+    mode = profile.get("mode", "full")
+    if mode == "sli":
+        from nexus_core.teachers.mode import open_runner
+
+        runner = open_runner(teacher, "sli", device)
+        return (lambda x, m: runner.logits(runner.forward(x, m).final_hidden)), runner.close
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(teacher.path, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=teacher.trust_remote_code).to(device).eval()
+    return model_logits(model), (lambda: None)
+
+
+def evaluate(cfg: Settings, plan: DistillPlan, paths: Paths, student, tokenizer, device: str,
+             profiles: dict[str, dict], teachers: bool = True) -> dict:
+    """{dataset: {"student": {loss, perplexity, tokens}, "teachers": {id: {...}}}} on held-out splits."""
+    vocab = len(tokenizer)
+    sets = {d: heldout(cfg, paths, tokenizer, d) for d in plan.datasets}
+    out: dict = {}
+    was_training = student.training
+    student.eval()
+    for d, batch in sets.items():
+        if batch is None:
+            log.warning("distill.eval_skipped", dataset=d, reason="no held-out documents")
+            continue
+        out[d] = {"student": lm_loss(model_logits(student), *batch, vocab, device), "teachers": {}}
+    student.train(was_training)
+    if not teachers:
+        return out
+    for t in plan.teachers:
+        if not _same_tokenizer(profiles, plan, t, tokenizer):
+            log.info("distill.eval_teacher_skipped", teacher=t.teacher_id, reason="different tokenizer")
+            continue
+        fn, close = _teacher_logits_fn(profiles.get(t.teacher_id) or {}, t, device)
+        try:
+            for d in out:
+                if d in plan.teacher_datasets(t):
+                    out[d]["teachers"][t.teacher_id] = lm_loss(fn, *sets[d], vocab, device)
+        finally:
+            close()
+    return out

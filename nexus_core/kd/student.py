@@ -1,0 +1,163 @@
+"""The student: an ordinary transformers causal LM, by default the primary teacher depth-pruned.
+
+Depth pruning keeps the layers the profile ranks most important (block influence), in
+their original order, and copies embeddings, norms and head, so the student starts from
+the teacher's knowledge. Weights are read tensor by tensor from the teacher's safetensors
+files, so the teacher itself is never loaded whole. When the pruned student would not fit
+the memory budget, it is built from `cfg.student.config` (an HF config) instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import structlog
+import torch
+
+from nexus_core.config import Settings, parse_bytes
+from nexus_core.errors import BadInputError
+from nexus_core.paths import Paths
+from nexus_core.records.plan import DistillPlan
+
+log = structlog.get_logger("nexus.distill")
+_LAYER_RE = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
+TRAIN_BYTES_PER_PARAM = 16  # fp32 weights + grads + AdamW's two moments
+ACTIVATION_MARGIN = 1.25
+
+
+def memory_budget(cfg: Settings, device: str) -> int:
+    if cfg.memory.budget:
+        return parse_bytes(cfg.memory.budget)
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def count_params(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def keep_count(cfg: Settings, n_layers: int) -> int:
+    n = cfg.student.layers if cfg.student.layers > 0 else round(n_layers * cfg.student.layer_ratio)
+    return max(1, min(n_layers, n))
+
+
+def pick_layers(importance: list[float] | None, n_layers: int, n_keep: int) -> list[int]:
+    """The n_keep most important layers, in model order; evenly spaced when there is no profile."""
+    if not importance or len(importance) != n_layers:
+        return sorted({round(i * (n_layers - 1) / max(n_keep - 1, 1)) for i in range(n_keep)})
+    ranked = sorted(range(n_layers), key=lambda i: (-importance[i], i))
+    return sorted(ranked[:n_keep])
+
+
+def pruned_config(teacher_config, kept: list[int]):
+    cfg = copy.deepcopy(teacher_config)
+    per_layer = getattr(cfg, "layer_types", None)
+    cfg.num_hidden_layers = len(kept)
+    if isinstance(per_layer, list) and len(per_layer) == teacher_config.num_hidden_layers:
+        cfg.layer_types = [per_layer[i] for i in kept]
+    return cfg
+
+
+def config_from_json(text: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**json.loads(text))
+
+
+def model_from_config(config):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    return model.to(torch.float32)
+
+
+def _teacher_key(student_key: str, kept: list[int]) -> str:
+    return _LAYER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}.{kept[int(m.group(3))]}.", student_key, count=1)
+
+
+def _copy_from_safetensors(model, teacher_dir: Path, kept: list[int]) -> list[str]:
+    """Fill the student's tensors from the teacher's files; returns the keys not found."""
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    wanted = {_teacher_key(k, kept): k for k in state}
+    found = set()
+    for f in sorted(teacher_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():
+                if name in wanted and state[wanted[name]].shape == h.get_slice(name).get_shape():
+                    with torch.no_grad():
+                        state[wanted[name]].copy_(h.get_tensor(name).to(torch.float32))
+                    found.add(wanted[name])
+    return sorted(set(state) - found)
+
+
+def _copy_from_model(model, teacher_dir: Path, kept: list[int], trust_remote_code: bool) -> None:
+    """Fallback when file keys differ from module keys (e.g. converted checkpoints): load the teacher."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True,
+                                                   trust_remote_code=trust_remote_code)
+    t_state = teacher.state_dict()
+    sd = {k: t_state[_teacher_key(k, kept)] for k in model.state_dict()}
+    model.load_state_dict(sd, strict=True)
+
+
+def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, profile: dict):
+    """A fresh student for the plan. Returns (model, info) with info = {source, kept_layers, params}."""
+    from transformers import AutoConfig
+
+    teacher = plan.primary_teacher
+    t_config = AutoConfig.from_pretrained(teacher.path, trust_remote_code=teacher.trust_remote_code)
+    L = t_config.num_hidden_layers
+    kept = pick_layers(profile.get("layer_importance"), L, keep_count(cfg, L))
+    s_config = pruned_config(t_config, kept)
+    params = count_params(s_config)
+    need, budget = int(params * TRAIN_BYTES_PER_PARAM * ACTIVATION_MARGIN), memory_budget(cfg, device)
+    if need <= budget:
+        torch.manual_seed(cfg.run.seed)
+        model = model_from_config(s_config)
+        missing = _copy_from_safetensors(model, Path(teacher.path), kept)
+        if missing:
+            _copy_from_model(model, Path(teacher.path), kept, teacher.trust_remote_code)
+        log.info("distill.student", source="depth-pruned", teacher=teacher.teacher_id, kept_layers=kept,
+                 teacher_layers=L, params=params, importance="profile" if profile else "evenly spaced (no profile)")
+        return model, {"source": "pruned", "kept_layers": kept, "teacher_layers": L, "params": params}
+    if not cfg.student.config:
+        raise BadInputError(
+            f"the depth-pruned student ({params:,} parameters, ~{need / 1e9:.1f} GB to train) does not fit the "
+            f"memory budget ({budget / 1e9:.1f} GB): set --student-layers lower, or --student-config to an HF "
+            f"config.json for a smaller student built from scratch")
+    path = Path(cfg.student.config).expanduser()
+    try:
+        s_config = config_from_json(path.read_text()) if path.is_file() else AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise BadInputError(f"--student-config {path}: cannot read it as an HF config ({exc})") from None
+    # The student predicts the primary teacher's token ids, so it takes the teacher's vocabulary.
+    for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(s_config, key, getattr(t_config, key, None))
+    torch.manual_seed(cfg.run.seed)
+    model = model_from_config(s_config)
+    params = sum(p.numel() for p in model.parameters())
+    log.warning("distill.student", source="config", config=str(path), params=params,
+                reason=f"the depth-pruned student (~{need / 1e9:.1f} GB to train) exceeds the memory budget "
+                       f"({budget / 1e9:.1f} GB); built from --student-config with {teacher.teacher_id}'s tokenizer")
+    return model, {"source": "config", "kept_layers": [], "teacher_layers": L, "params": params}
+
+
+def student_layer_for(teacher_layer: int, kept: list[int], n_student: int, n_teacher: int) -> int:
+    """Which student layer stands for a teacher layer in the hidden-state loss."""
+    if kept:
+        below = [i for i, k in enumerate(kept) if k <= teacher_layer]
+        return below[-1] if below else 0
+    return min(n_student - 1, teacher_layer * n_student // n_teacher)

@@ -1,0 +1,156 @@
+"""Loading a teacher's config and tokenizer, and naming what is wrong when they do not load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from nexus_core.errors import BadInputError
+from nexus_core.records.registry import Teacher
+
+
+class TeacherLoadError(BadInputError):
+    """Raised when a teacher's config, weights or tokenizer cannot be loaded; the message says what to fix."""
+
+
+def load_config(teacher: Teacher):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(teacher.path, trust_remote_code=teacher.trust_remote_code)
+    except Exception as exc:  # transformers raises ValueError/OSError/KeyError for these
+        raise TeacherLoadError(_explain(teacher, "config.json", exc)) from None
+
+
+def tokenizer_from(path, trust_remote_code: bool = False):
+    """The tokenizer a model folder saved, exactly.
+
+    transformers 5 maps some model types to their own tokenizer class (qwen2 -> Qwen2Tokenizer)
+    and rebuilds the pre-tokenizer, ignoring a saved generic tokenizer.json: the teacher would
+    then be fed other ids than it was trained on. A folder whose tokenizer_config names the
+    generic class is therefore loaded as exactly that file.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file, tok_file = Path(path) / "tokenizer_config.json", Path(path) / "tokenizer.json"
+    if tok_file.exists() and cfg_file.exists():
+        try:
+            declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        except ValueError:
+            declared = None
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(teacher: Teacher):
+    try:
+        return tokenizer_from(teacher.path, teacher.trust_remote_code)
+    except Exception as exc:
+        raise TeacherLoadError(_explain(teacher, "tokenizer", exc)) from None
+
+
+def tokenizer_vocab(tokenizer) -> int:
+    """Ids the tokenizer can produce (base vocabulary + added tokens)."""
+    return len(tokenizer)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id) and the special tokens with their ids."""
+    special = {name: str(tok) for name, tok in sorted(tokenizer.special_tokens_map.items())}
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])),
+        "special": special,
+        "special_ids": sorted(tokenizer.all_special_ids),
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _explain(teacher: Teacher, what: str, exc: Exception) -> str:
+    text = str(exc)
+    where = f"teacher {teacher.teacher_id!r} ({teacher.path})"
+    if "trust_remote_code" in text or "auto_map" in text:
+        return (f"{where}: its {what} needs custom modelling code from the model folder; "
+                f"set \"trust_remote_code\": true in its registry JSON only if you trust that code")
+    if "size mismatch" in text or "mismatch" in text.lower():
+        return f"{where}: config.json does not match the weights ({text[:300]}); fix config.json or re-save the model"
+    return f"{where}: cannot load its {what} ({type(exc).__name__}: {text[:300]}); check the model folder's files"
+
+
+# --- config.json against the weights, from the safetensors headers alone -----------------------
+
+_EMBED_SUFFIXES = ("embed_tokens.weight", "embed_in.weight", "wte.weight", "word_embeddings.weight")
+_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+_NOT_TEXT = ("vision", "visual", "audio", "image", "mm_projector", "multi_modal", "patch_embed")
+
+
+def check_against_weights(teacher: Teacher, config, meta) -> int:
+    """config.json's sizes against the tensors' shapes, before any weight is allocated (an absurd config
+    would otherwise build a million layers or ask for 256 GB). Returns the LM head's rows; raises
+    TeacherLoadError naming the config field that does not match."""
+    tcfg = config.get_text_config()
+    where = f"teacher {teacher.teacher_id!r} ({teacher.path})"
+    fix = "fix config.json or re-save the model"
+    # 1. Layer count: the weights must hold every layer config.json asks for (extra ones, such as
+    #    DeepSeek-V3's multi-token-prediction layer, are simply not run).
+    text_keys = [k for k in meta.tensors if not any(w in k for w in _NOT_TEXT)]
+    stored = {int(m.group(1)) for k in text_keys if (m := _LAYER_KEY.search(k))}
+    L = int(tcfg.num_hidden_layers)
+    if stored and L > len(stored):
+        raise TeacherLoadError(f"{where}: config.json says num_hidden_layers={L} but the weights hold "
+                               f"{len(stored)} decoder layers; {fix}")
+    # 2. Embedding (vocab_size x hidden_size).
+    embed = next((t for s in _EMBED_SUFFIXES if (t := meta.find(s))), None)
+    head = next((t for s in _HEAD_SUFFIXES if (t := meta.find(s))), None)
+    if embed is not None and tuple(embed.shape) != (tcfg.vocab_size, tcfg.hidden_size):
+        raise TeacherLoadError(f"{where}: config.json says vocab_size={tcfg.vocab_size}, hidden_size="
+                               f"{tcfg.hidden_size} but the embedding in the weights is {list(embed.shape)}; {fix}")
+    # 3. Every parameter of the first decoder layer, as config.json would build it (on the meta device:
+    #    nothing is allocated), against the stored tensor of the same name.
+    for name, shape, stored_shape in _layer0_mismatches(config, meta, text_keys):
+        fields = _fields_in(tcfg, set(shape) - set(stored_shape)) or ["its sizes"]
+        raise TeacherLoadError(f"{where}: config.json {', '.join(fields)} gives {name} the shape {list(shape)}, "
+                               f"but the weights hold {list(stored_shape)}; {fix}")
+    return int((head or embed).shape[0]) if (head or embed) else int(tcfg.vocab_size)
+
+
+def _layer0_mismatches(config, meta, text_keys: list[str]):
+    """(parameter name, shape config.json gives it, stored shape) for layer 0's parameters that differ."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    small = copy.deepcopy(config)
+    text = small.get_text_config()
+    types = getattr(text, "layer_types", None)
+    text.num_hidden_layers = 1
+    if isinstance(types, list) and types:
+        text.layer_types = types[:1]
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(small)
+    except Exception:  # an architecture that cannot be built this way: the load itself reports it
+        return
+    by_suffix = {}
+    for k in text_keys:
+        m = _LAYER_KEY.search(k)
+        if m and m.group(1) == "0":
+            by_suffix[k[m.start():].lstrip(".")] = k
+    for name, p in model.named_parameters():
+        m = _LAYER_KEY.search(name)
+        if not m or m.group(1) != "0":
+            continue
+        key = by_suffix.get(name[m.start():].lstrip("."))
+        if key is not None and tuple(meta.tensors[key].shape) != tuple(p.shape):
+            yield name, tuple(p.shape), tuple(meta.tensors[key].shape)
+
+
+def _fields_in(tcfg, values: set[int]) -> list[str]:
+    """config fields (as `name=value`) whose integer value is one of `values`."""
+    return sorted(f"{k}={v}" for k, v in tcfg.to_dict().items() if type(v) is int and v in values and v > 1)
