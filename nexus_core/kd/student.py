@@ -21,6 +21,7 @@ from nexus_core.config import Settings, parse_bytes
 from nexus_core.errors import BadInputError
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
+from nexus_core.teachers.weights import open_weights
 
 log = structlog.get_logger("nexus.distill")
 _LAYER_RE = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
@@ -85,20 +86,18 @@ def _teacher_key(student_key: str, kept: list[int]) -> str:
     return _LAYER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}.{kept[int(m.group(3))]}.", student_key, count=1)
 
 
-def _copy_from_safetensors(model, teacher_dir: Path, kept: list[int]) -> list[str]:
-    """Fill the student's tensors from the teacher's files; returns the keys not found."""
-    from safetensors import safe_open
-
+def _copy_from_weights(model, teacher_dir: Path, kept: list[int]) -> list[str]:
+    """Fill the student's tensors from the teacher's weights, tensor by tensor; returns the keys not found."""
+    store = open_weights(teacher_dir)
     state = model.state_dict()
     wanted = {_teacher_key(k, kept): k for k in state}
     found = set()
-    for f in sorted(teacher_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for name in h.keys():
-                if name in wanted and state[wanted[name]].shape == h.get_slice(name).get_shape():
-                    with torch.no_grad():
-                        state[wanted[name]].copy_(h.get_tensor(name).to(torch.float32))
-                    found.add(wanted[name])
+    with store.reading() as read:
+        for name in sorted(store.meta.tensors):
+            if name in wanted and tuple(state[wanted[name]].shape) == tuple(store.meta.tensors[name].shape):
+                with torch.no_grad():
+                    state[wanted[name]].copy_(read(name).to(torch.float32))
+                found.add(wanted[name])
     return sorted(set(state) - found)
 
 
@@ -127,7 +126,7 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
     if need <= budget:
         torch.manual_seed(cfg.run.seed)
         model = model_from_config(s_config)
-        missing = _copy_from_safetensors(model, Path(teacher.path), kept)
+        missing = _copy_from_weights(model, Path(teacher.path), kept)
         if missing:
             _copy_from_model(model, Path(teacher.path), kept, teacher.trust_remote_code)
         log.info("distill.student", source="depth-pruned", teacher=teacher.teacher_id, kept_layers=kept,

@@ -22,7 +22,6 @@ from nexus_core.data import DatasetRef
 from nexus_core.errors import CorruptArtifactError, DatasetError
 from nexus_core.paths import Paths
 from nexus_core.records.registry import Teacher
-from nexus_core.storage import safetensors_meta
 from nexus_core.storage.atomic import write_json
 from nexus_core.teachers.loading import (
     TeacherLoadError,
@@ -34,6 +33,7 @@ from nexus_core.teachers.loading import (
 )
 from nexus_core.teachers.mode import choose_mode, open_runner
 from nexus_core.teachers.runner import default_dtype
+from nexus_core.teachers.weights import open_weights
 
 
 def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[DatasetRef],
@@ -47,7 +47,7 @@ def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[Da
 
     # 1. Static facts: weights headers, config, tokenizer.
     try:
-        meta = safetensors_meta.scan(Path(teacher.path))
+        meta = open_weights(teacher.path).meta
     except CorruptArtifactError as exc:
         raise TeacherLoadError(f"teacher {teacher.teacher_id!r}: {exc}") from None
     config = load_config(teacher)

@@ -97,9 +97,9 @@ class FullRunner:
                           trust_remote_code=trust_remote_code)
         self.config = load_config(teacher)
         if dtype is None:
-            from nexus_core.storage.safetensors_meta import scan
+            from nexus_core.teachers.weights import open_weights
 
-            dtype = default_dtype(device, scan(Path(model_dir)).main_dtype)
+            dtype = default_dtype(device, open_weights(model_dir).meta.main_dtype)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype=dtype, use_safetensors=True,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +26,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nexus_core.storage.safetensors_meta import scan
 from nexus_core.teachers.runner import ForwardOutput, apply_logit_transforms, block_influence, default_dtype
 from nexus_core.teachers.sli_arch import (
     Recorder,
@@ -44,6 +42,7 @@ from nexus_core.teachers.sli_arch import (
     trim_heap,
     write_rows,
 )
+from nexus_core.teachers.weights import open_weights
 
 __all__ = ["StreamingRunner", "sli_support", "SLIUnsupportedError"]
 
@@ -80,12 +79,13 @@ class StreamingRunner:
         if not ok:
             raise SLIUnsupportedError(f"{model_dir}: {why}. Run it with --sli never (full load) if it fits in memory.")
         text = self.config.get_text_config()
-        self.dtype = dtype or default_dtype(str(device), scan(self.model_dir).main_dtype)
+        self.store = open_weights(self.model_dir)
+        self.dtype = dtype or default_dtype(str(device), self.store.meta.main_dtype)
         with init_empty_weights():  # parameters on meta; buffers (rotary inv_freq) real, as from_pretrained makes them
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype,
                                                           trust_remote_code=trust_remote_code)
         self.model.eval()
-        self.index = WeightIndex(self.model_dir, renamer(self.model))
+        self.index = WeightIndex(self.store.meta, self.model_dir, renamer(self.model))
         self.base = getattr(self.model, self.model.base_model_prefix)
         self.layers = self.base.layers
         self.num_layers = len(self.layers)
@@ -149,31 +149,24 @@ class StreamingRunner:
     def _read(self, key, lazy: bool = False) -> _Loaded:
         """One group's tensors, on the device; routed experts left empty when `lazy`."""
         tensors = {}
-        with ExitStack() as stack:
-            files: dict[Path, object] = {}
+        with self.store.reading() as read:
             for p in self.groups[key]:
                 if lazy and p.src.experts:  # filled on demand by _expert_hook; untouched rows cost no RAM
                     tensors[p.name] = torch.empty(p.meta.shape, dtype=p.dtype, device=self.device)
                 else:  # decoder layers are read ahead in full; embedding rows fault in as the lookup needs them
-                    tensors[p.name] = self._host_tensor(p, files, stack, touch=isinstance(key, int))
+                    tensors[p.name] = self._host_tensor(p, read, touch=isinstance(key, int))
         return self._to_device(tensors, lazy)
 
-    def _get(self, key: str, files: dict, stack: ExitStack) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self.index.file_of(key)
-        if path not in files:
-            files[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-        t = files[path].get_tensor(key)
+    def _get(self, key: str, read) -> torch.Tensor:
+        t = read(key)
         self.stats["bytes_read"] += t.numel() * t.element_size()
         return t
 
-    def _host_tensor(self, p: _Param, files: dict, stack: ExitStack, experts: set[int] | None = None,
-                     touch: bool = True):
+    def _host_tensor(self, p: _Param, read, experts: set[int] | None = None, touch: bool = True):
         """(shape of p) in p.dtype on the host (pinned on CUDA); fused experts filled for `experts` (None: all)."""
         pin = self.device.type == "cuda"
         if p.src.key is not None:
-            raw = self._get(p.src.key, files, stack)
+            raw = self._get(p.src.key, read)
             if tuple(raw.shape) != tuple(p.meta.shape):
                 raise SLIUnsupportedError(f"{self.model_dir}: {p.src.key} has shape {tuple(raw.shape)}, the model "
                                           f"expects {tuple(p.meta.shape)}; config.json does not match the weights")
@@ -184,13 +177,13 @@ class StreamingRunner:
             return torch.empty(raw.shape, dtype=p.dtype, pin_memory=pin).copy_(raw)
         out = torch.empty(p.meta.shape, dtype=p.dtype, pin_memory=pin)  # (E, rows, cols); untouched rows stay unpaged
         for e in range(len(p.src.experts)) if experts is None else sorted(experts):
-            self._fill_expert(out, e, p.src.experts[e], files, stack)
+            self._fill_expert(out, e, p.src.experts[e], read)
         return out
 
-    def _fill_expert(self, out: torch.Tensor, e: int, keys: list[str], files: dict, stack: ExitStack) -> None:
+    def _fill_expert(self, out: torch.Tensor, e: int, keys: list[str], read) -> None:
         row = 0
         for k in keys:  # gate rows then up rows: MergeModulelist(dim=0) + Concatenate(dim=1) in transformers
-            part = self._get(k, files, stack)
+            part = self._get(k, read)
             out[e, row:row + part.shape[0]].copy_(part)
             row += part.shape[0]
         if row != out.shape[1]:
@@ -240,10 +233,9 @@ class StreamingRunner:
                     continue
                 have = self._have.setdefault(p.name, set())
                 want = {e for e in routed if 0 <= e < len(p.src.experts)} - have
-                with ExitStack() as stack:
-                    files: dict = {}
+                with self.store.reading() as read:
                     for e in sorted(want):  # straight into the fused parameter's row e
-                        self._fill_expert(getattr(module, p.attr).data, e, p.src.experts[e], files, stack)
+                        self._fill_expert(getattr(module, p.attr).data, e, p.src.experts[e], read)
                 have |= want
                 self.stats["expert_tensors_read"] += len(want)
         return hook

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nexus_core.errors import NexusError
-from nexus_core.storage.safetensors_meta import scan
+from nexus_core.storage.safetensors_meta import WeightsMeta
 
 # model_type -> what the streaming code has been checked against (tests/test_sli.py builds each).
 SUPPORTED = {
@@ -65,11 +65,11 @@ class Source:
 
 
 class WeightIndex:
-    """Checkpoint tensors (name -> file) and the source of each skeleton parameter."""
+    """Checkpoint tensors (by name, from the store's headers) and the source of each skeleton parameter."""
 
-    def __init__(self, model_dir: Path, rename: Callable[[str], str]):
+    def __init__(self, meta: WeightsMeta, model_dir: Path, rename: Callable[[str], str]):
         self.model_dir = Path(model_dir)
-        self.meta = scan(self.model_dir)
+        self.meta = meta
         self.ckpt_of: dict[str, str] = {}      # module name -> checkpoint name (direct tensors)
         self.fused: dict[str, list[list[str]]] = {}  # module name of a fused expert tensor -> sources
         per_expert: dict[tuple[str, str], dict[int, list[str]]] = {}
@@ -85,9 +85,6 @@ class WeightIndex:
             slot[0 if w in _GATE | _DOWN else 1] = key  # gate rows first, then up (Concatenate dim=1)
         for (pre, target), by_e in per_expert.items():
             self.fused[f"{pre}.{target}"] = [[k for k in by_e[e] if k] for e in sorted(by_e)]
-
-    def file_of(self, key: str) -> Path:
-        return self.model_dir / self.meta.tensors[key].file
 
     def resolve(self, names: list[str], tied: dict[str, str]) -> dict[str, Source]:
         """Module parameter name -> Source; one SLIUnsupportedError listing every name with no source."""
