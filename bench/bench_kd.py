@@ -51,7 +51,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kd_workdir import ARITH, DATASETS, OUT, QUICK, SEEDS, Spec, prepare, prepare_augmented, settings  # noqa: E402  (bench/ is on sys.path when run as a script)
+from kd_workdir import (
+    ARITH,
+    DATASETS,
+    OUT,
+    QUICK,
+    SEEDS,
+    Spec,
+    distill_run,
+    prepare,
+    prepare_augmented,
+    settings,  # noqa: E402  (bench/ is on sys.path when run as a script)
+)
 
 from nexus_core import data
 from nexus_core.config import DistillSettings, StudentSettings  # noqa: E402
@@ -64,7 +75,6 @@ from nexus_core.kd.training import _optimizer  # noqa: E402
 from nexus_core.paths import Paths  # noqa: E402
 from nexus_core.records.plan import DistillPlan
 from nexus_core.records.registry import Teacher
-from nexus_core.stages.distill import run_distill  # noqa: E402
 from nexus_core.storage.profiles import read_profile, read_profiles
 
 TARGET_GAP, TARGET_RATIO = 0.85, 1.10  # share of the CE-teacher gap KD closes; KD/CE step time
@@ -75,16 +85,9 @@ TARGET_GAP, TARGET_RATIO = 0.85, 1.10  # share of the CE-teacher gap KD closes; 
 def distill(home: Path, spec: Spec, plan: DistillPlan, name: str, seed: int = SEEDS[0], **knobs) -> dict:
     """One run_distill from scratch in a run folder that shares the cached shards; per-domain losses,
     and the arithmetic held-out loss split into question and answer lines (see answer_split)."""
-    run = OUT / "kd_runs" / f"{name}-{os.getpid()}"
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
-    (run / "results").mkdir()
-    for sub in ("memory", "datasets", "results/profiles"):  # read-only inputs shared with the cache
-        os.symlink(home / sub, run / sub)
-    t0 = time.perf_counter()
-    res = run_distill(settings(run, spec, seed, **knobs), plan, Paths(run))
+    run, res, seconds = distill_run(home, "kd_runs", name, lambda d: settings(d, spec, seed, **knobs), plan)
     ev = res.data["eval"]
-    out = {"knobs": knobs, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+    out = {"knobs": knobs, "seed": seed, "seconds": seconds,
            "kept_layers": res.data["student"]["kept_layers"],
            "student": {d: ev[d]["student"]["loss"] for d in ev},
            "teacher": {d: ev[d]["teachers"]["teacher"]["loss"] for d in ev},

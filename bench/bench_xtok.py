@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,25 +38,27 @@ import structlog
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from kd_workdir import (  # noqa: E402
+    ARITH,
+    CODE,
+    DATASETS,
+    OUT,
+    cached_workdir,
+    demo_splits,
+    distill_run,
+    profile_and_extract,
+    settings,
+    train_teacher,
+)
+
 from nexus_core import data  # noqa: E402
-from nexus_core.config import load_settings  # noqa: E402
-from nexus_core.demo.demo_data import DataSpec, dataset_texts, ensure_datasets
-from nexus_core.demo.model_factory import build_model, make_config, save_model, train_tokenizer
-from nexus_core.kd.trainer import train_causal_lm
+from nexus_core.demo.model_factory import train_tokenizer
 from nexus_core.paths import Paths  # noqa: E402
 from nexus_core.records.plan import DistillPlan
-from nexus_core.records.registry import Teacher, _weight_files
-from nexus_core.stages.distill import run_distill  # noqa: E402
-from nexus_core.stages.extract import run_extract  # noqa: E402
-from nexus_core.stages.profile import run_profile  # noqa: E402
-
-OUT = ROOT / "bench" / "out"
-ARITH, CODE = "reasoning/arithmetic", "code/python-stdlib"
-DATASETS = (CODE, ARITH)  # sorted, as DistillPlan keeps them
-MARKER = "bench_marker.json"
+from nexus_core.records.registry import Teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,31 +84,14 @@ class Spec:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+STEPS = 150  # student optimizer steps unless --steps says otherwise
+
 QUICK = Spec(arith_rows=600, stdlib_bytes=150_000, stdlib_max_file=6_000, coder_vocab=384, mathy_vocab=256, hidden=48,
              intermediate=128, teacher_steps=120, distill_sequences=24)
 
 
-def settings(home: Path, spec: Spec, seed: int = 7, **distill):
-    d = {"batch_size": 8, "max_steps": 150, "epochs": 1000, "checkpoint_every": 100_000, "keep_checkpoints": 1}
-    d.update(distill)
-    return load_settings(home, environ={}, run={"device": "cpu", "seed": seed},
-                         extract={"seq_len": spec.seq_len, "top_k": spec.top_k, "max_samples": spec.distill_sequences,
-                                  "shard_size": 64, "batch_size": 16},
-                         distill=d, memory={"budget": "8GB"})
-
-
-# --- 1-3: data, teachers, profiles, shards (cached by the spec's fingerprint) ------------------------
-
 def prepare(spec: Spec, log) -> tuple[Path, dict]:
-    home = OUT / "xtok_cache" / spec.fp()
-    home.parent.mkdir(parents=True, exist_ok=True)
-    with open(home.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (home / MARKER).exists():
-            return home, {**json.loads((home / MARKER).read_text()), "cached": True}
-        info = _build(home, spec, log)
-        (home / MARKER).write_text(json.dumps(info, indent=1))
-        return home, {**info, "cached": False}
+    return cached_workdir("xtok_cache", spec, _build, log)
 
 
 def _mix(own: tuple, other: tuple, share: float, seed: int):
@@ -121,39 +105,23 @@ def _teacher(home: Path, spec: Spec, name: str, arch: str, tok, own: str, parts,
     rows = {d: data.pack(tok, parts[d][0], spec.seq_len) for d in DATASETS}
     other = ARITH if own == CODE else CODE
     ids, mask = _mix(rows[own], rows[other], spec.coder_own_share if own == CODE else spec.mathy_own_share, seed)
-    config = make_config(arch, vocab_size=len(tok), hidden=spec.hidden, layers=spec.layers, heads=4, kv_heads=2,
-                         intermediate=spec.intermediate, max_pos=spec.seq_len * 2, tokenizer=tok)
-    model = build_model(config, seed=seed)
-    log(f"training {name} ({arch}, {len(tok)} tokens): {spec.teacher_steps} steps on {ids.shape[0]} rows")
-    train_causal_lm(model, ids, mask, spec.teacher_steps, spec.teacher_lr, spec.teacher_batch, seed=seed)
-    folder = home / "models" / name
-    save_model(model, tok, folder)
-    return Teacher(teacher_id=name, path=str(folder.resolve()), status="ready", source=f"registry/{name}.json",
-                   weight_files=_weight_files(folder), primary=name == "coder")
+    return train_teacher(home, spec, name, arch, tok, ids, mask, seed, log, primary=name == "coder")[0]
 
 
 def _build(home: Path, spec: Spec, log) -> dict:
-    shutil.rmtree(home, ignore_errors=True)
     paths = Paths(home).ensure()
-    cfg = settings(home, spec)
+    cfg = settings(home, spec, max_steps=STEPS)
     t0 = time.perf_counter()
-    ensure_datasets(paths, DataSpec(arithmetic_rows=spec.arith_rows, stdlib_bytes=spec.stdlib_bytes,
-                                    stdlib_max_file_bytes=spec.stdlib_max_file))
-    parts = {k: data.split(v, cfg.extract.heldout_fraction) for k, v in dataset_texts(paths).items()}
+    parts = demo_splits(paths, spec, cfg.extract.heldout_fraction)
     train = parts[CODE][0] + parts[ARITH][0]
     random.Random(0).shuffle(train)
     bpe = train_tokenizer(train, vocab_size=spec.coder_vocab, algorithm="bpe")
     uni = train_tokenizer(train, vocab_size=spec.mathy_vocab, algorithm="unigram")
     teachers = [_teacher(home, spec, "coder", "llama", bpe, CODE, parts, 11, log),
                 _teacher(home, spec, "mathy", "mistral", uni, ARITH, parts, 22, log)]
-    refs = [data.DatasetRef.parse(d) for d in DATASETS]
     log("profile and extract (run_profile, run_extract) for both teachers")
-    quality = {}
-    for t in teachers:
-        run_profile(cfg, t, paths, refs)
-        for ref in refs:
-            res = run_extract(cfg, t, ref, paths)
-            quality.setdefault(t.teacher_id, {})[ref.key] = res.data["heldout_loss_per_char"]
+    quality = {t.teacher_id: {d: r["heldout_loss_per_char"] for d, r in profile_and_extract(cfg, t, paths).items()}
+               for t in teachers}
     return {"teachers": [t.to_dict() for t in teachers], "heldout_loss_per_char": quality,
             "vocab": {"coder": len(bpe), "mathy": len(uni)}, "setup_s": round(time.perf_counter() - t0, 1),
             "spec": dataclasses.asdict(spec)}
@@ -162,16 +130,10 @@ def _build(home: Path, spec: Spec, log) -> dict:
 # --- 4: students through run_distill ---------------------------------------------------------------
 
 def distill(home: Path, spec: Spec, plan: DistillPlan, name: str, seed: int = 7, **knobs) -> dict:
-    run = OUT / "xtok_runs" / f"{name}-{os.getpid()}"
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
-    (run / "results").mkdir()
-    for sub in ("memory", "datasets", "results/profiles"):  # read-only inputs shared with the cache
-        os.symlink(home / sub, run / sub)
-    t0 = time.perf_counter()
-    res = run_distill(settings(run, spec, seed, **knobs), plan, Paths(run))
+    run, res, seconds = distill_run(home, "xtok_runs", name,
+                                    lambda d: settings(d, spec, seed, **{"max_steps": STEPS, **knobs}), plan)
     ev = res.data["eval"]
-    out = {"knobs": knobs, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+    out = {"knobs": knobs, "seed": seed, "seconds": seconds,
            "student": {d: ev[d]["student"]["loss"] for d in ev}, "teacher_usage": res.data["teacher_usage"]}
     shutil.rmtree(run, ignore_errors=True)
     return out
