@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from contextlib import contextmanager
 
 import structlog
 from rq import get_current_job
@@ -92,11 +93,6 @@ def run_stage(raw: dict) -> dict:
         log.error("job refused; nothing of it ran", job_id=job_id, reason=str(exc))
         raise
     stage, teacher_id = payload.stage.value, payload.teacher_id
-    # every log line of the stage (its own modules' too) carries the job's identity
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(job_id=job_id, stage=stage, teacher=teacher_id,
-                                           dataset=payload.dataset.key if payload.dataset else None)
-    bound = log
 
     # 2. completed before with intact artefacts (the queue was rebuilt, or its worker died
     #    between recording the completion and telling RQ): record the skip, redo nothing
@@ -106,42 +102,56 @@ def run_stage(raw: dict) -> dict:
                       data={"reason": "completed earlier with intact artefacts"})
         return {"skipped": True}
 
+    # 3. the stage itself; whatever happens to it becomes an event
     ctx = WorkerContext(events, conn, job_id, stage, teacher_id)
     t0 = time.monotonic()
-    bound.info("stage started")
-    try:
-        with signal_handlers():
-            result = _call_stage(payload, paths, ctx)
-    except StageInterrupted as exc:
-        ctx.started()
-        events.append("StagePaused", teacher_id=teacher_id, stage=stage, job_id=job_id,
-                      data={"reason": exc.reason, "seconds": round(time.monotonic() - t0, 3)})
-        Flags.stop_after_job = True
-        bound.info("stage paused; a rerun resumes it", reason=exc.reason)
-        raise
-    except KeyboardInterrupt:
-        ctx.started()
-        events.append("StagePaused", teacher_id=teacher_id, stage=stage, job_id=job_id,
-                      data={"reason": "interrupted", "seconds": round(time.monotonic() - t0, 3)})
-        Flags.stop_after_job = True
-        raise
-    except Exception as exc:
-        ctx.started()
-        message = str(exc) if isinstance(exc, NexusError) else f"{type(exc).__name__}: {exc}"
-        events.append("StageFailed", teacher_id=teacher_id, stage=stage, job_id=job_id,
-                      data={"error": message.splitlines()[0][:500] if message else type(exc).__name__,
-                            "kind": type(exc).__name__, "bad_input": getattr(exc, "exit_code", 1) == 2,
-                            "traceback": traceback.format_exc(limit=6)[-2000:]})
-        fail_dependents(job, conn, events, message.splitlines()[0][:200] if message else type(exc).__name__,
-                        bad_input=getattr(exc, "exit_code", 1) == 2)
-        bound.error("stage failed", error=message[:300])
-        raise
-    finally:
-        Flags.clear_handled()
-        structlog.contextvars.clear_contextvars()
+    with _outcome_recorded(job, payload, ctx):
+        result = _call_stage(payload, paths, ctx)
     ctx.started()
     artifacts = [artifact_record(p, paths.home) for p in result.artifacts]
     events.append("StageCompleted", teacher_id=teacher_id, stage=stage, job_id=job_id,
                   data={"artifacts": artifacts, "seconds": round(time.monotonic() - t0, 3), **result.data})
     log.info("stage completed", job_id=job_id, stage=stage, teacher=teacher_id, seconds=round(time.monotonic() - t0, 2))
     return {"artifacts": len(artifacts)}
+
+
+@contextmanager
+def _outcome_recorded(job: Job, payload: JobPayload, ctx: WorkerContext):
+    """Run the stage under the job-time signal handlers, with every log line carrying the job's identity;
+    a pause (signal, Ctrl+C) becomes StagePaused, an error StageFailed (its dependents fail visibly too)."""
+    events, stage, teacher_id = ctx.log, payload.stage.value, payload.teacher_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job_id=job.id, stage=stage, teacher=teacher_id,
+                                           dataset=payload.dataset.key if payload.dataset else None)
+    t0 = time.monotonic()
+    log.info("stage started")
+
+    def paused(reason: str) -> None:
+        ctx.started()
+        events.append("StagePaused", teacher_id=teacher_id, stage=stage, job_id=job.id,
+                      data={"reason": reason, "seconds": round(time.monotonic() - t0, 3)})
+        Flags.stop_after_job = True
+
+    try:
+        with signal_handlers():
+            yield
+    except StageInterrupted as exc:
+        paused(exc.reason)
+        log.info("stage paused; a rerun resumes it", reason=exc.reason)
+        raise
+    except KeyboardInterrupt:
+        paused("interrupted")
+        raise
+    except Exception as exc:
+        ctx.started()
+        message = str(exc) if isinstance(exc, NexusError) else f"{type(exc).__name__}: {exc}"
+        first_line, bad_input = message.splitlines()[0] if message else type(exc).__name__, getattr(exc, "exit_code", 1) == 2
+        events.append("StageFailed", teacher_id=teacher_id, stage=stage, job_id=job.id,
+                      data={"error": first_line[:500], "kind": type(exc).__name__, "bad_input": bad_input,
+                            "traceback": traceback.format_exc(limit=6)[-2000:]})
+        fail_dependents(job, job.connection, events, first_line[:200], bad_input=bad_input)
+        log.error("stage failed", error=message[:300])
+        raise
+    finally:
+        Flags.clear_handled()
+        structlog.contextvars.clear_contextvars()
