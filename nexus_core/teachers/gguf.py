@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import re
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ class Header:
     architecture: str
     tensors: dict[str, GGUFTensor]
     scalars: dict[str, object]  # metadata keys with scalar (or short list) values; the tokenizer's arrays left out
+    token_count: int = 0        # entries in tokenizer.ggml.tokens
 
 
 def read_header(file) -> Header:
@@ -82,8 +84,9 @@ def _header(file: str, size: int, mtime_ns: int) -> Header:
     if unknown:
         raise GGUFError(f"{file}: tensor type(s) {', '.join(unknown)} cannot be dequantised by the gguf package; "
                         "use a file quantised as F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
     del reader  # its whole-file map: tensors are read through a fresh map per reading() block
-    return Header(arch, tensors, scalars)
+    return Header(arch, tensors, scalars, len(tokens.data) if tokens is not None else 0)
 
 
 def _can_dequantize(qtype: int) -> bool:
@@ -128,7 +131,42 @@ def load_tokenizer(file):
     from transformers import AutoTokenizer
 
     path = Path(file)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    header = read_header(path)
+    n = header.token_count
+    tok = _without_ids_from(tok, n) if n and len(tok) > n else tok
+    if header.scalars.get("tokenizer.ggml.pre") in _DIGITS_FIRST:
+        from tokenizers import pre_tokenizers
+
+        # llama.cpp splits every digit off first for these (SmolLM's own tokenizer.json: Digits(individual)
+        # then ByteLevel); transformers applies plain GPT-2 splitting, which cuts "  1" into "Ġ","Ġ","1"
+        # where the model was trained on "ĠĠ","1" (a third of Python files tokenise differently).
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return tok
+
+
+# tokenizer.ggml.pre values whose llama.cpp pre-tokenizer is "\p{N}" then GPT-2's regex (llama-vocab.cpp).
+_DIGITS_FIRST = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+
+
+def _without_ids_from(tok, n: int):
+    """The tokenizer less the added tokens with ids >= n.
+
+    transformers builds a GGUF byte-level tokenizer as a GPT2Tokenizer, whose constructor adds its
+    default `<|endoftext|>` when the file's vocabulary lacks it (Llama 3 spells it `<|end_of_text|>`):
+    one id past the model's embedding rows, which the profile rejects and an embedding lookup would
+    crash on. The file's own tokens, special ones included, are all below n."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    dropped = {t["content"] for t in spec["added_tokens"] if t["id"] >= n}
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < n]
+    special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str) and v not in dropped}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   chat_template=tok.chat_template, **special)
 
 
 def _restore_rope_scaling(config, header: Header, path: Path) -> None:
