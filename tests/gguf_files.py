@@ -79,7 +79,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_gguf(model, tokenizer, path: Path, qtype: str = "F32", types: dict[str, str] | None = None,
                add_bos: bool = False, chat_template: str | None = None, rope_freqs: np.ndarray | None = None,
-               rope_scaling: dict | None = None, arch: str = "llama") -> Path:
+               rope_scaling: dict | None = None, arch: str = "llama", pre: str = "default") -> Path:
     """`model` (an HF Llama/Qwen2) + `tokenizer` (byte-level BPE) as one GGUF file. Matrices are stored as
     `qtype` unless `types` names another for a GGUF tensor name; 1-D tensors stay F32."""
     import gguf
@@ -100,7 +100,7 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "F32", types: dict[str
     if rope_scaling:
         w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling["type"]))
         w.add_rope_scaling_factor(float(rope_scaling["factor"]))
-    _write_tokenizer(w, tokenizer, cfg.vocab_size, add_bos, chat_template)
+    _write_tokenizer(w, tokenizer, cfg.vocab_size, add_bos, chat_template, pre)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], L)
     tied = cfg.tie_word_embeddings
     for hf, t in model.state_dict().items():
@@ -125,7 +125,7 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "F32", types: dict[str
     return Path(path)
 
 
-def _write_tokenizer(w, tokenizer, vocab_size: int, add_bos: bool, chat_template: str | None) -> None:
+def _write_tokenizer(w, tokenizer, vocab_size: int, add_bos: bool, chat_template: str | None, pre: str) -> None:
     """The byte-level BPE as llama.cpp's "gpt2" tokenizer model: tokens by id, merges, control tokens."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = tokenizer.get_vocab()
@@ -133,7 +133,7 @@ def _write_tokenizer(w, tokenizer, vocab_size: int, add_bos: bool, chat_template
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]  # rows past the tokenizer: padding
     special = set(tokenizer.all_special_ids)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([3 if i in special else (1 if i in by_id else 5) for i in range(vocab_size)])
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
