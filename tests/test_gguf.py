@@ -278,3 +278,21 @@ def _llama_cpp_rope_freqs(head_dim: int, base: float, rope: dict) -> np.ndarray:
             smooth = (ctx / wavelen - lo) / (hi - lo)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
+
+
+def test_an_architecture_transformers_cannot_build_is_a_one_line_error(tmp_path):
+    import gguf
+
+    from nexus_core.records.registry import Teacher
+    from nexus_core.teachers.loading import TeacherLoadError, load_config
+
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "rwkv6")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(TeacherLoadError) as err:
+        load_config(Teacher("x", str(tmp_path / "x.gguf"), "ready", ""))
+    assert "GGUF metadata" in str(err.value) and "rwkv6" in str(err.value) and "\n" not in str(err.value)

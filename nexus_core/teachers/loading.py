@@ -18,8 +18,11 @@ class TeacherLoadError(BadInputError):
 def load_config(teacher: Teacher):
     try:
         return config_from(teacher.path, teacher.trust_remote_code)
+    except BadInputError:
+        raise
     except Exception as exc:  # transformers raises ValueError/OSError/KeyError for these
-        raise TeacherLoadError(_explain(teacher, "config.json", exc)) from None
+        what = "GGUF metadata" if str(teacher.path).endswith(".gguf") else "config.json"
+        raise TeacherLoadError(_explain(teacher, what, exc)) from None
 
 
 def config_from(path, trust_remote_code: bool = False):
