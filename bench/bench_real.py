@@ -256,6 +256,8 @@ def main() -> int:
     ap.add_argument("--sli", default="auto", choices=("auto", "always", "never"))
     ap.add_argument("--gen-tokens", type=int, default=40)
     ap.add_argument("--quick", action="store_true", help="tiny settings: checks the harness, measures nothing")
+    ap.add_argument("--reuse", action="store_true",
+                    help="skip `nexus run`: measure on the previous run's workdir and its saved run.json")
     ap.add_argument("--json", type=Path, default=OUT / "bench_real.json")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     a = ap.parse_args()
@@ -265,15 +267,19 @@ def main() -> int:
 
     m = machine()
     gguf = install(a.cache)
-    home = a.workdir / "home"
-    if home.exists():
-        import shutil
-
-        shutil.rmtree(home)  # a fresh run each time: every figure below is this run's
-    home.mkdir(parents=True)
-    docs = write_workdir(home, gguf, a.docs)
+    home, saved = a.workdir / "home", a.workdir / "run.json"
     env = settings_env(a)
-    run = nexus_run(home, env)
+    if a.reuse:  # measure again on the last run's outputs (same settings flags expected)
+        run, docs = (json.loads(saved.read_text())[k] for k in ("run", "documents"))
+    else:
+        if home.exists():
+            import shutil
+
+            shutil.rmtree(home)  # a fresh run each time: every figure below is this run's
+        home.mkdir(parents=True)
+        docs = write_workdir(home, gguf, a.docs)
+        run = nexus_run(home, env)
+        saved.write_text(json.dumps({"run": run, "documents": docs}))
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "machine": m,
               "gguf": {"file": gguf.name, "bytes": gguf.stat().st_size}, "documents": docs, "run": run}
     if run["rc"] == 0:
