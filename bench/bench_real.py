@@ -281,6 +281,7 @@ def main() -> int:
         run = nexus_run(home, env)
         saved.write_text(json.dumps({"run": run, "documents": docs}))
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "machine": m,
+              "argv": sys.argv[1:],
               "gguf": {"file": gguf.name, "bytes": gguf.stat().st_size}, "documents": docs, "run": run}
     if run["rc"] == 0:
         result.update(_measure(a, home, gguf, env))
@@ -301,7 +302,7 @@ def _measure(a, home: Path, gguf: Path, env: dict) -> dict:
             "flops": matmul_flops(), "stages": stage_events(home), "manifests": manifests(home),
             "eval": json.loads((home / "results" / "eval.json").read_text()),
             "sli_vs_full": sli_vs_full(gguf, home, a.seq_len),
-            "ce": ce_sweep(home, [float(x) for x in a.ce_lrs.split(",")], env),
+            "ce": ce_sweep(home, [float(x) for x in a.ce_lrs.split(",") if x], env),  # --ce-lrs "": skipped
             "generation": generate(home / "nexus-release-v1", gguf, a.gen_tokens)}
 
 
@@ -309,7 +310,7 @@ def markdown(r: dict) -> str:
     from run_all import _machine_line
 
     a, run = r["args"], r["run"]
-    cmd = "python bench/bench_real.py" + (" --quick" if a["quick"] else "")
+    cmd = " ".join(["python bench/bench_real.py", *r.get("argv", ["--quick"] if a["quick"] else [])])
     L = [f"## {TITLE}", "", f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
          f"`{run['command']}` took {run['seconds']:.0f} s, peak RSS of its process tree {run['peak_rss_mib']} MiB.", "",
          f"Machine: {_machine_line(r['machine'])}.", "",
@@ -348,6 +349,8 @@ def _tables(r: dict) -> list[str]:
         gap = f"{(c - kd) / (c - t):.0%}" if None not in (t, c) and c - t > 1e-9 else "-"
         L.append(f"| {d} | {t:.3f} | {kd:.3f} | {c:.3f} (lr {lr}) | {gap} |" if c is not None else
                  f"| {d} | {t:.3f} | {kd:.3f} | - | - |")
+    if not ce:
+        L += ["", "Plain fine-tune: not run this time (`--ce-lrs \"\"`)."]
     L += ["", "Plain fine-tune per lr: " + "; ".join(
         f"lr {lr}: " + ", ".join(f"{d} {x:.3f}" for d, x in sorted(v.items()) if d != "seconds")
         for lr, v in ce.items()) + ".", "",
