@@ -340,7 +340,7 @@ def _tables(r: dict) -> list[str]:
     L += ["", f"Compute bound: 2 x {p['params'] / 1e6:.1f} M params x tokens / {r['flops'] / 1e9:.1f} GFLOP/s "
           "(best fp32 2048² matmul in the same run; the tied head's 2·V·H per token is inside 2·params; "
           "attention's T² terms are left out).", ""]
-    best = {d: min((v[d], lr) for lr, v in ce.items() if d in v) for d in ev["datasets"]}
+    best = {d: min(((v[d], lr) for lr, v in ce.items() if d in v), default=(None, None)) for d in ev["datasets"]}
     L += ["| held-out loss (nats/token) | teacher | KD student | plain fine-tune (best lr) | gap closed |",
           "|---|---|---|---|---|"]
     for d, v in sorted(ev["datasets"].items()):
@@ -351,10 +351,11 @@ def _tables(r: dict) -> list[str]:
                  f"| {d} | {t:.3f} | {kd:.3f} | - | - |")
     if not ce:
         L += ["", "Plain fine-tune: not run this time (`--ce-lrs \"\"`)."]
-    L += ["", "Plain fine-tune per lr: " + "; ".join(
-        f"lr {lr}: " + ", ".join(f"{d} {x:.3f}" for d, x in sorted(v.items()) if d != "seconds")
-        for lr, v in ce.items()) + ".", "",
-        f"SLI vs full on {sv['tokens']} real tokens (4 stdlib sequences): logits bit-identical **{sv['bit_identical']}** "
+    else:
+        L += ["", "Plain fine-tune per lr: " + "; ".join(
+            f"lr {lr}: " + ", ".join(f"{d} {x:.3f}" for d, x in sorted(v.items()) if d != "seconds")
+            for lr, v in ce.items()) + "."]
+    L += ["", f"SLI vs full on {sv['tokens']} real tokens (4 stdlib sequences): logits bit-identical **{sv['bit_identical']}** "
         f"(max |diff| {sv['max_abs_diff']:.2e}), top-32 ids equal {sv['top32_equal']}; one forward + head "
         f"{sv['full_s']} s full vs {sv['sli_s']} s SLI (SLI re-reads and dequantises every layer each pass).", "",
         f"Released student (`nexus-release-v1`, {g['student_params'] / 1e6:.1f} M params) loads with "
