@@ -76,11 +76,10 @@ def _teacher_logits_fn(profile: dict, teacher, device: str):
 
         runner = open_runner(teacher, "sli", device)
         return (lambda x, m: runner.logits(runner.forward(x, m).final_hidden)), runner.close
-    from transformers import AutoModelForCausalLM
+    from nexus_core.teachers.loading import load_model
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(teacher.path, dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=teacher.trust_remote_code).to(device).eval()
+    model = load_model(teacher, dtype).to(device)  # safetensors or GGUF
     return model_logits(model), (lambda: None)
 
 

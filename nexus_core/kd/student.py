@@ -21,6 +21,7 @@ from nexus_core.config import Settings, parse_bytes
 from nexus_core.errors import BadInputError
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
+from nexus_core.teachers.loading import load_config, load_model
 from nexus_core.teachers.weights import open_weights
 
 log = structlog.get_logger("nexus.distill")
@@ -98,15 +99,18 @@ def _copy_from_weights(model, teacher_dir: Path, kept: list[int]) -> list[str]:
                 with torch.no_grad():
                     state[wanted[name]].copy_(read(name).to(torch.float32))
                 found.add(wanted[name])
-    return sorted(set(state) - found)
+    # A tied head shares the embedding's storage: filled with it, though the teacher stores no lm_head
+    # (SmolLM2, Llama 3.2 and most GGUF files); counting it missing would load the whole teacher instead.
+    filled = {state[k].data_ptr() for k in found}
+    return sorted(k for k in set(state) - found if state[k].data_ptr() not in filled)
 
 
 def _copy_from_model(model, teacher_dir: Path, kept: list[int], trust_remote_code: bool) -> None:
     """Fallback when file keys differ from module keys (e.g. converted checkpoints): load the teacher."""
-    from transformers import AutoModelForCausalLM
+    from nexus_core.records.registry import Teacher
 
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True,
-                                                   trust_remote_code=trust_remote_code)
+    teacher = load_model(Teacher(teacher_dir.name, str(teacher_dir), "ready", "", trust_remote_code=trust_remote_code),
+                         torch.float32)
     t_state = teacher.state_dict()
     sd = {k: t_state[_teacher_key(k, kept)] for k in model.state_dict()}
     model.load_state_dict(sd, strict=True)
@@ -117,7 +121,7 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
     from transformers import AutoConfig
 
     teacher = plan.primary_teacher
-    t_config = AutoConfig.from_pretrained(teacher.path, trust_remote_code=teacher.trust_remote_code)
+    t_config = load_config(teacher)  # config.json, or a GGUF file's metadata
     L = t_config.num_hidden_layers
     kept = pick_layers(profile.get("layer_importance"), L, keep_count(cfg, L))
     s_config = pruned_config(t_config, kept)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ KNOWN_FIELDS = {"teacher_id", "path", "status", "params", "trust_remote_code", "
 @dataclass(frozen=True)
 class Teacher:
     teacher_id: str
-    path: str  # absolute, resolved
+    path: str  # absolute, resolved: a model folder, or a .gguf file
     status: str
     source: str  # registry file it came from (relative to NEXUS_HOME when inside it)
     params: str | None = None
@@ -60,15 +61,55 @@ class Teacher:
 
 
 def _weight_files(model_dir: Path) -> tuple[tuple[str, int], ...]:
+    if model_dir.is_file():  # a GGUF teacher: the one file is its weights
+        return ((model_dir.name, model_dir.stat().st_size),)
     return tuple(sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors")))
 
 
+GGUF_MAGIC = b"GGUF"
+_GGUF_SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
+
+def gguf_file(path: Path, where: str = "") -> Path | None:
+    """The .gguf file a teacher `path` names: the file itself, or the one .gguf in a folder that has no
+    *.safetensors (a Hugging Face folder wins). None when `path` is not a GGUF teacher; RegistryError
+    when it names a file that is not a GGUF, a split GGUF, or a folder with several .gguf files."""
+    path = Path(path)
+    if path.is_dir():
+        if any(path.glob("*.safetensors")):
+            return None
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found[:4]) + (" …" if len(found) > 4 else "")
+            split = " (a split GGUF: merge the parts with llama-gguf-split --merge)" if all(
+                _GGUF_SPLIT.search(p.name) for p in found) else ""
+            raise RegistryError(where, f"field 'path': {path} holds {len(found)} .gguf files ({names}){split}; "
+                                       "point 'path' at the one file to use")
+        if not found:
+            return None
+        path = found[0]
+    elif not (path.is_file() and path.suffix.lower() == ".gguf"):
+        return None
+    if _GGUF_SPLIT.search(path.name):
+        raise RegistryError(where, f"field 'path': {path} is one part of a split GGUF; merge the parts into one "
+                                   "file with llama-gguf-split --merge and point 'path' at it")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != GGUF_MAGIC:
+        raise RegistryError(where, f"field 'path': {path} is not a GGUF file (it does not start with 'GGUF'); "
+                                   "re-download it or point 'path' at a Hugging Face model folder")
+    return path
+
+
 def check_model_dir(model_dir: Path, where: str) -> None:
-    """Cheap checks of a model folder; loading problems surface later in the profile stage."""
+    """Cheap checks of a model folder (or GGUF file); loading problems surface later in the profile stage."""
     if not model_dir.exists():
         raise RegistryError(where, f"field 'path': {model_dir} does not exist; fix the path or create the model folder")
+    if gguf_file(model_dir, where) is not None:
+        return
     if not model_dir.is_dir():
-        raise RegistryError(where, f"field 'path': {model_dir} is not a folder; point it at a Hugging Face model folder")
+        raise RegistryError(where, f"field 'path': {model_dir} is not a folder or a .gguf file; point it at a "
+                                   "Hugging Face model folder or a GGUF file")
     if not (model_dir / "config.json").is_file():
         raise RegistryError(where, f"field 'path': {model_dir} has no config.json; it is not a Hugging Face model folder")
     if not any(model_dir.glob("*.safetensors")):
@@ -129,6 +170,7 @@ def parse_teacher(obj, source: str, home: Path) -> Teacher:
     if status == "ready":
         try:
             check_model_dir(model_dir, where)
+            model_dir = gguf_file(model_dir, where) or model_dir  # a GGUF folder's teacher is its one file
         except RegistryError as exc:
             raise RegistryError(where, exc.reason, tid) from None
         weight_files = _weight_files(model_dir)

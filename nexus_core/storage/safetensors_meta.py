@@ -33,6 +33,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: str
+    stored_bytes: int | None = None  # bytes on disk where the dtype alone does not say (GGUF's quantised blocks)
 
     @property
     def numel(self) -> int:
@@ -40,6 +41,8 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        if self.stored_bytes is not None:
+            return self.stored_bytes
         return int(self.numel * DTYPE_BYTES.get(self.dtype, 0))
 
 

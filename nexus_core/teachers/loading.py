@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 
 from nexus_core.errors import BadInputError
 from nexus_core.records.registry import Teacher
@@ -15,27 +16,67 @@ class TeacherLoadError(BadInputError):
 
 
 def load_config(teacher: Teacher):
+    try:
+        return config_from(teacher.path, teacher.trust_remote_code)
+    except BadInputError:
+        raise
+    except Exception as exc:  # transformers raises ValueError/OSError/KeyError for these
+        what = "GGUF metadata" if str(teacher.path).endswith(".gguf") else "config.json"
+        raise TeacherLoadError(_explain(teacher, what, exc)) from None
+
+
+def config_from(path, trust_remote_code: bool = False):
+    """A model folder's config.json, or the config a GGUF file's metadata describes."""
     from transformers import AutoConfig
 
+    from nexus_core.teachers import gguf
+
+    file = gguf.gguf_file(Path(path))
+    if file is not None:
+        return gguf.load_config(file)
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def load_model(teacher: Teacher, dtype):
+    """The whole teacher as an AutoModelForCausalLM (safetensors via from_pretrained, or GGUF), eval mode;
+    TeacherLoadError naming what does not match when config and weights disagree."""
+    from transformers import AutoModelForCausalLM
+
+    from nexus_core.teachers import gguf
+
     try:
-        return AutoConfig.from_pretrained(teacher.path, trust_remote_code=teacher.trust_remote_code)
-    except Exception as exc:  # transformers raises ValueError/OSError/KeyError for these
-        raise TeacherLoadError(_explain(teacher, "config.json", exc)) from None
+        file = gguf.gguf_file(Path(teacher.path))
+        if file is not None:
+            return gguf.load_model(file, dtype, load_config(teacher))
+        model, info = AutoModelForCausalLM.from_pretrained(
+            teacher.path, dtype=dtype, use_safetensors=True, trust_remote_code=teacher.trust_remote_code,
+            output_loading_info=True)
+    except BadInputError:  # TeacherLoadError, GGUFError: already say what to fix
+        raise
+    except Exception as exc:
+        raise TeacherLoadError(_explain(teacher, "weights", exc)) from None
+    problems = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if problems:
+        raise TeacherLoadError(f"teacher {teacher.teacher_id!r} ({teacher.path}): config.json does not match the "
+                               f"weights ({problems}); fix config.json or re-save the model")
+    return model.eval()
 
 
 def tokenizer_from(path, trust_remote_code: bool = False):
-    """The tokenizer a model folder saved, exactly.
+    """The tokenizer a model folder saved, exactly (or the one a GGUF file's metadata describes).
 
     transformers 5 maps some model types to their own tokenizer class (qwen2 -> Qwen2Tokenizer)
     and rebuilds the pre-tokenizer, ignoring a saved generic tokenizer.json: the teacher would
     then be fed other ids than it was trained on. A folder whose tokenizer_config names the
     generic class is therefore loaded as exactly that file.
     """
-    import json
-    from pathlib import Path
-
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    from nexus_core.teachers import gguf
+
+    file = gguf.gguf_file(Path(path))
+    if file is not None:
+        return gguf.load_tokenizer(file)
     cfg_file, tok_file = Path(path) / "tokenizer_config.json", Path(path) / "tokenizer.json"
     if tok_file.exists() and cfg_file.exists():
         try:

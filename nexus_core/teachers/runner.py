@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nexus_core.records.registry import Teacher
-from nexus_core.teachers.loading import TeacherLoadError, _explain, load_config
+from nexus_core.teachers.loading import TeacherLoadError, load_config, load_model
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -87,29 +87,18 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 class FullRunner:
-    """The whole teacher on one device (AutoModelForCausalLM, safetensors only)."""
+    """The whole teacher on one device (AutoModelForCausalLM from safetensors, or a GGUF file dequantised)."""
 
     def __init__(self, model_dir, device: str = "cpu", dtype: torch.dtype | None = None,
                  trust_remote_code: bool = False, teacher_id: str | None = None):
-        from transformers import AutoModelForCausalLM
-
         teacher = Teacher(teacher_id or Path(model_dir).name, str(model_dir), "ready", "",
                           trust_remote_code=trust_remote_code)
         self.config = load_config(teacher)
         if dtype is None:
             from nexus_core.teachers.weights import open_weights
 
-            dtype = default_dtype(device, open_weights(model_dir).meta.main_dtype)
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=dtype, use_safetensors=True,
-                trust_remote_code=trust_remote_code, output_loading_info=True)
-        except Exception as exc:
-            raise TeacherLoadError(_explain(teacher, "weights", exc)) from None
-        problems = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
-        if problems:
-            raise TeacherLoadError(f"teacher {teacher.teacher_id!r} ({model_dir}): config.json does not match the weights "
-                                   f"({problems}); fix config.json or re-save the model")
+            dtype = default_dtype(device, open_weights(model_dir, self.config).meta.main_dtype)
+        model = load_model(teacher, dtype)
         self.model = model.to(device).eval()
         self.device = device
         self.base = getattr(model, model.base_model_prefix)

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from nexus_core.teachers.loading import config_from
 from nexus_core.teachers.runner import ForwardOutput, apply_logit_transforms, block_influence, default_dtype
 from nexus_core.teachers.sli_arch import (
     Recorder,
@@ -71,15 +72,15 @@ class StreamingRunner:
                  trust_remote_code: bool = False, prefetch: bool = True, memory_budget_bytes: int | None = None,
                  micro_batch: int | None = None, moe_lazy: bool | None = None, scratch_dir: str | None = None):
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.model_dir, self.device = Path(model_dir), torch.device(device)
-        self.config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        self.config = config_from(model_dir, trust_remote_code)
         ok, why = sli_support(self.config)
         if not ok:
             raise SLIUnsupportedError(f"{model_dir}: {why}. Run it with --sli never (full load) if it fits in memory.")
         text = self.config.get_text_config()
-        self.store = open_weights(self.model_dir)
+        self.store = open_weights(self.model_dir, self.config)  # safetensors, or a GGUF file dequantised
         self.dtype = dtype or default_dtype(str(device), self.store.meta.main_dtype)
         with init_empty_weights():  # parameters on meta; buffers (rotary inv_freq) real, as from_pretrained makes them
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype,

@@ -5,7 +5,8 @@ A `WeightStore` lists the checkpoint's tensors under their checkpoint names with
 (`meta`, read from file headers alone) and reads them on demand inside `reading()`, which keeps the
 files it opened mapped until the block ends (SLI reads one layer group per block, so pages of
 earlier layers are unmapped as it goes). Weight formats plug in here: safetensors folders
-(`SafetensorsStore`); quantised or other formats add their own store and register in `open_weights`.
+(`SafetensorsStore`) and GGUF files (`teachers.gguf.GGUFStore`, dequantised); other formats add their own
+store and register in `open_weights`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class SafetensorsStore:
             yield read
 
 
-def open_weights(path) -> WeightStore:
-    """The store for a teacher's weights at `path` (a model folder)."""
-    return SafetensorsStore(Path(path))
+def open_weights(path, config=None) -> WeightStore:
+    """The store for a teacher's weights at `path`: a model folder, or a GGUF file (or a folder holding one),
+    whose store needs the model's config to name its tensors (read from the file when not given)."""
+    from nexus_core.teachers.gguf import GGUFStore, gguf_file
+
+    file = gguf_file(Path(path))
+    return GGUFStore(file, config) if file is not None else SafetensorsStore(Path(path))
