@@ -486,7 +486,24 @@ def main() -> int:
     ap.add_argument("--tokens-file", help=argparse.SUPPRESS)
     ap.add_argument("--budget-bytes", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out-file", help=argparse.SUPPRESS)
+    ap.add_argument("--merge", help="comma-separated JSON files of runs made side by side (e.g. one per teacher or "
+                    "pass size, run at the same time): one JSON and one table; rows of the same teacher are joined")
     a = ap.parse_args()
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge.split(",")]
+        res = {**parts[0], "command": " & ".join(p["command"] for p in parts), "teachers": [],
+               "load_before": parts[0]["load_before"], "load_after": parts[-1]["load_after"],
+               "moe": next((p["moe"] for p in parts if p.get("moe")), None)}
+        for p in parts:
+            for t in p["teachers"]:
+                same = next((x for x in res["teachers"] if x["teacher"] == t["teacher"]), None)
+                if same is None:
+                    res["teachers"].append(t)
+                else:
+                    same["rows"] = sorted(same["rows"] + t["rows"], key=lambda r: r["tokens"])
+        a.json.write_text(json.dumps(res, indent=2))
+        print(render(res))
+        return 0
     if a.child:
         print(json.dumps(child(a.child, a.model, a.tokens_file, a.budget_bytes, a.device, a.out_file)))
         return 0
