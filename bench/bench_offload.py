@@ -297,7 +297,7 @@ def limits(model_dir: Path) -> dict:
 
 
 def bench_teacher(name: str, tokens: list[int], runners: list[str], frac: float, device: str, quick: bool,
-                  reps: int, timeout: float, log) -> dict:
+                  reps: int, timeout: float, log, partial=lambda t: None) -> dict:
     from safetensors.torch import save_file
 
     model_dir = teacher_dir(name, quick)
@@ -353,6 +353,8 @@ def bench_teacher(name: str, tokens: list[int], runners: list[str], frac: float,
                 "rss_peak": statistics.median(a["rss_peak"] / b["rss_peak"] for a, b in pairs),
                 "rss_above_base": statistics.median(a["rss_above_base"] / max(b["rss_above_base"], 1) for a, b in pairs)}
         rows.append(row)
+        partial({"teacher": name, "model_dir": str(model_dir), "budget_bytes": budget, "budget_fraction": frac,
+                 "limits": lim, "rows": rows})  # a long run keeps what it measured if it is stopped
         for f in work.glob(f"*-{n}x{T}-*.safetensors"):
             f.unlink()
     shutil.rmtree(work / "airllm-split", ignore_errors=True)
@@ -519,9 +521,14 @@ def main() -> int:
     load_before = [round(x, 2) for x in os.getloadavg()]
     res = {"command": "python bench/bench_offload.py " + " ".join(sys.argv[1:]), "device": a.device,
            "threads": torch.get_num_threads(), "reps": a.reps, "load_before": load_before, "teachers": []}
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def partial(t: dict) -> None:
+        a.json.write_text(json.dumps({**res, "teachers": res["teachers"] + [t], "moe": None, "partial": True,
+                                      "load_after": [round(x, 2) for x in os.getloadavg()]}, indent=2))
     for name in teachers:
         res["teachers"].append(bench_teacher(name, tokens, runners, a.budget_fraction, a.device, a.quick, a.reps,
-                                             a.timeout, log))
+                                             a.timeout, log, partial))
     res["moe"] = None if a.no_moe else moe_bytes(a.quick, log)
     res["load_after"] = [round(x, 2) for x in os.getloadavg()]
     res["total_s"] = round(time.perf_counter() - t_start, 1)
