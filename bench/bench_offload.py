@@ -162,9 +162,9 @@ def child(runner: str, model_dir: str, tokens_file: str, budget: int, device: st
     base = _rss_peak()
     t0 = time.perf_counter()
     if runner == "nexus":
+        from nexus_core.config import ExtractSettings
         from nexus_core.records.registry import Teacher
         from nexus_core.teachers.logits import logit_positions, topk_targets
-        from nexus_core.config import ExtractSettings
         from nexus_core.teachers.mode import open_runner
 
         teacher = Teacher("bench", model_dir, "ready", "")

@@ -42,9 +42,9 @@ def sli(device: str, dry: bool) -> dict:
     """bench_sli's teacher (1.18 GiB fp32, 16 layers) in bf16 on `device`: SLI (pinned host buffers, copy stream)
     against a full load, per tokens per pass: tok/s, ratio, top-32 agreement, logits bit-identical or not."""
     import torch
+    from bench_offload import _small_llama
     from transformers import AutoModelForCausalLM
 
-    from bench_offload import _small_llama
     from nexus_core.teachers.sli import StreamingRunner
 
     if dry:
