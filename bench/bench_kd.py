@@ -414,4 +414,8 @@ def table(s: dict) -> str:
 
 
 if __name__ == "__main__":
+    if "--online" in sys.argv[1:]:  # offline stored top-k vs online KD (TRL GKD-style): bench/online_kd.py
+        from online_kd import main as online_main
+
+        sys.exit(online_main(sys.argv[1:]))
     main()

@@ -53,6 +53,14 @@ def _args(quick: bool) -> dict[str, tuple[list[str], str, str]]:
                  "Two teachers with different tokenizers"),
         "scale": (["bench_scale.py", *(["--quick"] if q else [])], "bench_scale.json",
                   "Scale-out: extraction with 1 vs 2 workers (extract.ranges)"),
+        "offload": (["bench_offload.py", *(["--quick"] if q else [])], "bench_offload.json",
+                    "Streaming a teacher larger than memory: Nexus SLI vs accelerate's disk offload vs AirLLM"),
+        "kd_online": (["bench_kd.py", "--online", *(["--quick"] if q else [])], "bench_kd_online.json",
+                      "Offline stored top-k vs online KD (teacher forward every step)"),
+        "limit": (["bench_limit.py", *(["--quick"] if q else [])], "bench_limit.json",
+                  "Extraction against the compute bound, 49k and 262k vocabularies"),
+        "projection": (["projection.py"], "projection.json",
+                       "Projection: a 671B MoE and a 70B dense teacher from NVMe on a 16 GB GPU (on paper)"),
     }
 
 
@@ -133,8 +141,16 @@ def _scale(r):
     return render(r)
 
 
+def _render_of(module: str):
+    def table(r):
+        return __import__(module).render(r)
+    return table
+
+
 TABLES = {"replay": _replay, "queue": _queue, "resume": _resume, "extract": _extract, "kd": _kd, "kd_augment": _kd,
-          "sli": _sli, "xtok": _xtok, "scale": _scale}
+          "sli": _sli, "xtok": _xtok, "scale": _scale, "offload": _render_of("bench_offload"),
+          "kd_online": _render_of("online_kd"), "limit": _render_of("bench_limit"),
+          "projection": _render_of("projection")}
 
 
 # Running and writing ---------------------------------------------------------------------
@@ -217,6 +233,8 @@ def main() -> int:
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(specs)}")
     ap.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark")
+    ap.add_argument("--from-json", action="store_true", help="run nothing: rewrite the sections from the JSON the "
+                    "benchmarks left in bench/out (for runs made by hand, e.g. side by side; each JSON names its command)")
     a = ap.parse_args()
     specs = _args(a.quick)
     names = [n.strip() for n in a.only.split(",") if n.strip()] or list(specs)
@@ -228,7 +246,15 @@ def main() -> int:
     results, sections = {}, {}
     for name in names:
         argv, json_name, title = specs[name]
-        if a.quick and name == "sli":
+        if a.from_json:
+            data = json.loads((OUT / json_name).read_text())
+            results[name] = {"name": name, "command": data.get("command", "python bench/" + " ".join(argv)), "rc": 0,
+                             "seconds": data.get("total_s", 0), "data": data, "tail": "",
+                             "machine": {**machine(), **({"load": data["load_before"], "shared": data["load_before"][0]
+                                                         > (os.cpu_count() or 1) * 0.75} if "load_before" in data else {})},
+                             "date": datetime.fromtimestamp((OUT / json_name).stat().st_mtime, timezone.utc)
+                             .strftime("%Y-%m-%d %H:%M UTC") + " (written from its JSON by `run_all.py --from-json`)"}
+        elif a.quick and name == "sli":
             argv = []  # its teacher is >= 1 GB by design: no small version
             results[name] = {"name": name, "command": "python bench/bench_sli.py", "rc": "skipped", "seconds": 0,
                              "machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

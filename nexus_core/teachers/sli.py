@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from nexus_core.teachers.loading import config_from
-from nexus_core.teachers.runner import ForwardOutput, apply_logit_transforms, block_influence, default_dtype
+from nexus_core.teachers.runner import (
+    _TORCH_DTYPES,
+    ForwardOutput,
+    apply_logit_transforms,
+    block_influence,
+    default_dtype,
+)
 from nexus_core.teachers.sli_arch import (
     Recorder,
     SLIUnsupportedError,
@@ -267,8 +273,16 @@ class StreamingRunner:
         elt = torch.finfo(self.dtype).bits // 8
         H = text.hidden_size
         inter = getattr(text, "intermediate_size", 4 * H) * max(1, getattr(text, "num_experts_per_tok", 1) or 1)
-        group_bytes = max(sum(p.meta.numel() * elt for p in g) for g in self.groups.values())
-        free = max(self.memory_budget - 2 * group_bytes, self.memory_budget // 8)
+        # While layers run, two decoder-layer groups are resident (the one computing, the one read ahead). The
+        # embedding and the head are not resident then (the embedding is freed before layer 0; the head is read
+        # ahead as a view of the mapping and faults in only in logits(), whose chunk size bounds that phase), so
+        # they do not shrink the micro-batches: with a large vocabulary they would force one sequence per call.
+        size = {k: sum(p.meta.numel() * elt for p in g) for k, g in self.groups.items()}
+        layer = max(v for k, v in size.items() if isinstance(k, int))
+        # ... unless the head is copied when read (onto the GPU, or into another dtype): then it is resident
+        # beside the last layer.
+        copied = self.device.type == "cuda" or _TORCH_DTYPES.get(self.store.meta.main_dtype) != self.dtype
+        free = max(self.memory_budget - max(2 * layer, layer + size["tail"] * copied), self.memory_budget // 8)
         store = n * T * H * elt * (1 + kept)
         spill = store > free // 2
         # One sequence through one layer: residual, normed copy, q/k/v/o, MLP intermediates, attention scores.
