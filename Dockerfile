@@ -31,10 +31,10 @@ RUN set -eux; \
     pip install --index-url "${TORCH_INDEX:-$idx}" torch
 
 # 2. the other dependencies, read from pyproject.toml so they are cached apart from the source.
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+    && pip install -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 # 3. the project itself (no dependency resolution: everything is installed above).

@@ -10,7 +10,7 @@ PY="${PYTHON:-python3}"
 VENV=".venv"
 TORCH_VERSION="${NEXUS_TORCH_VERSION:-2.13.0}"
 
-if [ ! -x "$VENV/bin/nexus" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
+if [ ! -x "$VENV/bin/nexus" ] || [ pyproject.toml -nt "$VENV/.installed" ] || [ constraints.txt -nt "$VENV/.installed" ]; then
   echo "run_nexus_master: setting up $VENV (first run only)..." >&2
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
@@ -21,7 +21,7 @@ if [ ! -x "$VENV/bin/nexus" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
     skip) ;;
     *) echo "NEXUS_TORCH must be cpu, cuda or skip" >&2; exit 2 ;;
   esac
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
   touch "$VENV/.installed"
 fi
 

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 80-160 s on 2 cores: the slow suite (`pytest -m slow`) keeps it from rotting
 def test_gpu_check_dry_run_writes_json_and_section(tmp_path):
     out = tmp_path / "BENCH.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}

@@ -66,6 +66,7 @@ def test_two_workers_extract_in_parallel_with_identical_shards(tmp_path, workdir
     assert sorted(e.data["merged"] for e in of_type(events, "StageCompleted", "extract")) == [False] * 3 + [True] * 3
 
 
+@pytest.mark.slow  # ~160 s on 2 cores: a 400-step distill outlives the kill; CI time goes to faster cases
 def test_a_dead_workers_job_is_adopted_after_the_timeout(workdir, tiny_teacher_dir, fast_env, redis_conn, redis_url):
     _setup(workdir, tiny_teacher_dir)
     env = dict(fast_env, NEXUS_DISTILL_MAX_STEPS="400", NEXUS_DISTILL_EPOCHS="100")

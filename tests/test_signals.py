@@ -63,7 +63,7 @@ def test_thermal_pause_key_holds_the_stage_then_it_resumes(demo_workdir, redis_c
     proc = spawn(paths, "run", redis_url=redis_url, env_extra=LONG)
     try:
         wait_for(paths, _distill_checkpoint(5), proc=proc)
-        keys.set_pause(redis_conn, 1.5, "thermal", temp_c=91)
+        keys.set_pause(redis_conn, 3.0, "thermal", temp_c=91)  # 3 s: the worker may notice it late under load
         wait_for(paths, lambda ev: of_type(ev, "StagePaused", "distill"), proc=proc)
         code = proc.wait(timeout=300)
     finally:
