@@ -50,6 +50,9 @@ def choose_mode(cfg: Settings, teacher: Teacher, config, meta, device: str, dtyp
         return "full", f"--sli auto: {fit_words}", sli_ok, sli_why, sizes
     if sli_ok:
         return "sli", why, sli_ok, sli_why, sizes
+    if want == "always":  # asked for by name: never a silent full load
+        raise TeacherLoadError(f"teacher {teacher.teacher_id!r}: --sli always, but SLI cannot stream it ({sli_why}). "
+                               f"Use --sli auto or never to load it whole ({fit_words})")
     if fits:
         return "full", f"{why}, but SLI cannot stream this model ({sli_why}); {fit_words}, so it is loaded whole", \
             sli_ok, sli_why, sizes

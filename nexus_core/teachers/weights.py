@@ -5,19 +5,23 @@ A `WeightStore` lists the checkpoint's tensors under their checkpoint names with
 (`meta`, read from file headers alone) and reads them on demand inside `reading()`, which keeps the
 files it opened mapped until the block ends (SLI reads one layer group per block, so pages of
 earlier layers are unmapped as it goes). Weight formats plug in here: safetensors folders
-(`SafetensorsStore`) and GGUF files (`teachers.gguf.GGUFStore`, dequantised); other formats add their own
-store and register in `open_weights`.
+(`SafetensorsStore`, including DeepSeek-V3's released block-scaled FP8, dequantised tensor by tensor) and
+GGUF files (`teachers.gguf.GGUFStore`, dequantised); other formats add their own store and register in
+`open_weights`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import torch
 
-from nexus_core.storage.safetensors_meta import WeightsMeta, scan
+from nexus_core.errors import CorruptArtifactError
+from nexus_core.storage.safetensors_meta import TensorInfo, WeightsMeta, scan
 
 Reader = Callable[[str], torch.Tensor]  # checkpoint name -> tensor (as stored, on the CPU)
 
@@ -31,12 +35,20 @@ class WeightStore(Protocol):
 
 
 class SafetensorsStore:
-    """A Hugging Face folder's *.safetensors files (sharded or not), memory-mapped."""
+    """A Hugging Face folder's *.safetensors files (sharded or not), memory-mapped.
+
+    Block-scaled FP8 (DeepSeek-V3/R1's release: `X.weight` in float8_e4m3fn beside `X.weight_scale_inv`,
+    one float32 scale per block of config.json's quantization_config.weight_block_size, 128x128) is
+    dequantised as each tensor is read, into float32 (DeepSeek's own `weight_dequant`: weight * scale,
+    block-wise); the scale tensors are hidden from `meta` (their bytes counted with their weight's)."""
 
     def __init__(self, model_dir: Path):
         self.path = Path(model_dir)
         self.meta = scan(self.path)
         self.bytes_read = 0
+        self.scales, scale_files = _split_scales(self.meta)  # weight name -> its scale tensor's name
+        self.block = _block_size(self.path) if self.scales else None
+        self.files = {**{n: t.file for n, t in self.meta.tensors.items()}, **scale_files}  # name -> file
 
     @contextmanager
     def reading(self) -> Iterator[Reader]:
@@ -45,14 +57,54 @@ class SafetensorsStore:
         with ExitStack() as stack:
             handles: dict[str, object] = {}
 
-            def read(name: str) -> torch.Tensor:
-                file = self.meta.tensors[name].file
+            def raw(name: str) -> torch.Tensor:
+                file = self.files[name]
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(str(self.path / file), framework="pt", device="cpu"))
                 t = handles[file].get_tensor(name)  # a view of the mapping: its pages fault in when touched
                 self.bytes_read += t.numel() * t.element_size()
                 return t
+
+            def read(name: str) -> torch.Tensor:
+                if name in self.scales:
+                    return dequantise_block_fp8(raw(name), raw(self.scales[name]), self.block, name)
+                return raw(name)
             yield read
+
+
+def _split_scales(meta: WeightsMeta) -> tuple[dict[str, str], dict[str, str]]:
+    """Take `*.weight_scale_inv` out of meta.tensors: (weight -> scale name, scale name -> file)."""
+    scales, scale_files = {}, {}
+    for name in [n for n in meta.tensors if n.endswith("_scale_inv")]:
+        weight = name[: -len("_scale_inv")]
+        info = meta.tensors.pop(name)
+        scale_files[name] = info.file
+        if weight in meta.tensors:
+            w = meta.tensors[weight]
+            meta.tensors[weight] = TensorInfo(w.dtype, w.shape, w.file, w.nbytes + info.nbytes)
+            scales[weight] = name
+    return scales, scale_files
+
+
+def _block_size(model_dir: Path) -> tuple[int, int]:
+    """quantization_config.weight_block_size from config.json (DeepSeek-V3: [128, 128])."""
+    try:
+        q = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        q = {}
+    rows, cols = q.get("weight_block_size") or (128, 128)
+    return int(rows), int(cols)
+
+
+def dequantise_block_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], name: str = "") -> torch.Tensor:
+    """(M, N) FP8 weight and its (ceil(M/b0), ceil(N/b1)) scales -> (M, N) float32 = weight * scale per block."""
+    M, N = w.shape
+    b0, b1 = block
+    if tuple(scale.shape) != (math.ceil(M / b0), math.ceil(N / b1)):
+        raise CorruptArtifactError(f"{name}: weight {list(w.shape)} with scales {list(scale.shape)} does not fit "
+                                   f"{b0}x{b1} blocks (config.json quantization_config.weight_block_size)")
+    s = scale.float().repeat_interleave(b0, 0)[:M].repeat_interleave(b1, 1)[:, :N]  # (M, N)
+    return w.float() * s
 
 
 def open_weights(path, config=None) -> WeightStore:
