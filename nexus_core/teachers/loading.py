@@ -48,6 +48,9 @@ def load_model(teacher: Teacher, dtype):
         file = gguf.gguf_file(Path(teacher.path))
         if file is not None:
             return gguf.load_model(file, dtype, load_config(teacher))
+        config = load_config(teacher)
+        if is_block_fp8(config):
+            return _load_block_fp8(teacher, config, dtype)
         model, info = AutoModelForCausalLM.from_pretrained(
             teacher.path, dtype=dtype, use_safetensors=True, trust_remote_code=teacher.trust_remote_code,
             output_loading_info=True)
@@ -59,6 +62,39 @@ def load_model(teacher: Teacher, dtype):
     if problems:
         raise TeacherLoadError(f"teacher {teacher.teacher_id!r} ({teacher.path}): config.json does not match the "
                                f"weights ({problems}); fix config.json or re-save the model")
+    return model.eval()
+
+
+def is_block_fp8(config) -> bool:
+    """DeepSeek-V3/R1's release format: quantization_config fp8 with a weight_block_size (weight_scale_inv)."""
+    q = getattr(config, "quantization_config", None)
+    q = q if isinstance(q, dict) or q is None else q.to_dict()
+    return bool(q) and str(q.get("quant_method", "")).lower() == "fp8" and bool(q.get("weight_block_size"))
+
+
+def _load_block_fp8(teacher: Teacher, config, dtype):
+    """The whole model from a block-FP8 checkpoint, dequantised by Nexus's weight store (DeepSeek's formula,
+    partial edge blocks included) into `dtype`, then loaded through transformers' own key conversions.
+
+    transformers' CPU fallback infers the block from the scale grid (rows // scale rows), which is wrong
+    for any weight whose side is not a multiple of 128 (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from nexus_core.teachers.weights import SafetensorsStore
+
+    store = SafetensorsStore(Path(teacher.path))
+    with store.reading() as read:
+        state = {k: read(k).to(dtype) for k in store.meta.tensors}
+    plain = copy.deepcopy(config)
+    del plain.quantization_config  # the weights are dequantised: nothing for transformers to quantise
+    cls = AutoModelForCausalLM._model_mapping[type(plain)]
+    model, info = cls.from_pretrained(None, config=plain, state_dict=state, dtype=dtype, output_loading_info=True)
+    problems = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if problems:
+        raise TeacherLoadError(f"teacher {teacher.teacher_id!r} ({teacher.path}): config.json does not match the "
+                               f"FP8 weights ({problems}); fix config.json or re-save the model")
     return model.eval()
 
 

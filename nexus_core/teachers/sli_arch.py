@@ -60,7 +60,9 @@ def sli_support(config) -> tuple[bool, str]:
     if mt not in SUPPORTED:
         return False, (f"{archs} (model_type {mt!r}) is not an architecture SLI streams "
                        f"(supported: {', '.join(sorted(SUPPORTED))}); it needs a full load")
-    if getattr(config, "auto_map", None):
+    if getattr(config, "auto_map", None) and not type(config).__module__.startswith("transformers.models."):
+        # custom code in use; an auto_map beside a model_type transformers ships (DeepSeek-V3's release) is
+        # ignored without trust_remote_code, and then the native modules run, streamed or not
         return False, f"{archs}: custom modelling code (auto_map) is not streamed; load it in full"
     how = f"; {STREAMED_QUANT[method]}" if quant else ""
     return True, f"{SUPPORTED[mt]}: decoder layers stream one at a time from the safetensors files{how}"
