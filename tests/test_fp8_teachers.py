@@ -11,11 +11,10 @@ CPU fp32 (tolerance 0: the dequantised values and the module code are the same).
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from nexus_core.config import Settings
@@ -26,67 +25,17 @@ from nexus_core.teachers.mode import choose_mode
 from nexus_core.teachers.runner import FullRunner
 from nexus_core.teachers.sli import StreamingRunner, sli_support
 from nexus_core.teachers.weights import SafetensorsStore
+from tests.fp8_files import write_fp8_teacher
 from tests.helpers import setup_home
 
 TEXTS = [f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(120)]
-BLOCK = 128
 K = 8
-# hidden 144 and expert width 80: every projection has partial 128-blocks on at least one side
-SIZES = dict(hidden=144, layers=3, heads=4, kv_heads=4, intermediate=80, max_pos=64, experts=8, experts_per_tok=2)
-
-
-def _quantise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, N) float -> (FP8 (M, N), float32 scale_inv (ceil(M/128), ceil(N/128))), amax/448 per block."""
-    M, N = w.shape
-    sm, sn = math.ceil(M / BLOCK), math.ceil(N / BLOCK)
-    padded = torch.zeros(sm * BLOCK, sn * BLOCK)
-    padded[:M, :N] = w
-    blocks = padded.view(sm, BLOCK, sn, BLOCK)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / torch.finfo(torch.float8_e4m3fn).max
-    q = (blocks / scale[:, None, :, None]).view(sm * BLOCK, sn * BLOCK)[:M, :N].to(torch.float8_e4m3fn)
-    return q.contiguous(), scale.float()
-
-
-def _dequantise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """DeepSeek-V3 inference/kernel.py weight_dequant, written out: y = x * s for each 128x128 block."""
-    M, N = q.shape
-    y = torch.empty(M, N)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            rows, cols = slice(i * BLOCK, (i + 1) * BLOCK), slice(j * BLOCK, (j + 1) * BLOCK)
-            y[rows, cols] = q[rows, cols].float() * scale[i, j]
-    return y
-
-
-def write_fp8_teacher(root, tok) -> tuple:
-    """(FP8 folder in DeepSeek-V3's release format, the dequantised float32 reference folder)."""
-    fp8 = mf.make_teacher(root / "ds-fp8", TEXTS, arch="deepseek_v3", tokenizer=tok, **SIZES)
-    ref = mf.save_model(AutoModelForCausalLM.from_pretrained(fp8), tok, root / "ds-ref")
-    state = load_file(str(fp8 / "model.safetensors"))
-    g = torch.Generator().manual_seed(3)
-    quant, plain = {}, {}
-    for k, w in state.items():
-        if k.endswith("e_score_correction_bias"):
-            w = torch.rand(w.shape, generator=g)  # a real routing bias, so the buffer must be streamed
-        if w.dim() == 2 and k.endswith("proj.weight") and ".layers." in k:  # every decoder linear, as released
-            q, s = _quantise(w)
-            quant[k], quant[k + "_scale_inv"] = q, s
-            plain[k] = _dequantise(q, s)
-        else:
-            quant[k] = plain[k] = w
-    save_file(quant, str(fp8 / "model.safetensors"), metadata={"format": "pt"})
-    save_file(plain, str(ref / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((fp8 / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [BLOCK, BLOCK]}
-    (fp8 / "config.json").write_text(json.dumps(cfg))
-    return fp8, ref
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     tok = mf.train_tokenizer(TEXTS, vocab_size=300)
-    return write_fp8_teacher(tmp_path_factory.mktemp("fp8"), tok)
+    return write_fp8_teacher(tmp_path_factory.mktemp("fp8"), tok, TEXTS)
 
 
 def _chunk(vocab: int, n: int = 3, T: int = 12):

@@ -18,6 +18,7 @@ from nexus_core.kd.dense_student import DENSE_SIBLING, rank_experts
 from nexus_core.kd.student import build_student
 from nexus_core.records.plan import DistillPlan
 from nexus_core.storage.profiles import read_profile
+from tests.fp8_files import write_fp8_teacher
 from tests.helpers import ARITH, CODE, DOCS, ENV, completed_once, make_workdir, nexus, setup_home
 
 MOE = ("mixtral", "qwen3_moe", "deepseek_v3")
@@ -91,3 +92,20 @@ def test_nexus_run_with_a_moe_primary_teacher(tmp_path, redis_conn, redis_url, a
     assert released["model_type"] == DENSE_SIBLING[arch]
     profile = json.loads(paths.profile("tiny").read_text())
     assert profile["moe"] and profile["expert_load"]
+
+
+@pytest.mark.slow
+def test_nexus_run_with_deepseek_v3_in_its_fp8_release_format_streamed(tmp_path, redis_conn, redis_url):
+    """The manual's first teacher as released (FP8 + block scales), `--sli always`: profiled and extracted
+    streamed (never a silent full load), and it seeds the dense student."""
+    tok = mf.train_tokenizer(ARITH + CODE, vocab_size=384)
+    fp8, _ = write_fp8_teacher(tmp_path / "teachers", tok, ARITH + CODE)
+    paths = make_workdir(tmp_path, fp8)
+    result = nexus(paths, "run", redis_url=redis_url, env_extra={**ENV, "NEXUS_RUN_SLI": "always"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    completed_once(paths)
+    profile = json.loads(paths.profile("tiny").read_text())
+    assert profile["mode"] == "sli" and "FP8" in profile["mode_reason"] and profile["expert_load"]
+    for manifest in paths.memory.glob("tiny/*/manifest.json"):
+        assert json.loads(manifest.read_text())["mode"] == "sli"
+    assert json.loads((paths.release / "config.json").read_text())["model_type"] == "deepseek_v3"
