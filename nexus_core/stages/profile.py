@@ -48,7 +48,8 @@ def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[Da
 
     # 1. Static facts: weights headers, config, tokenizer.
     try:
-        meta = open_weights(teacher.path).meta
+        store = open_weights(teacher.path)
+        meta = store.meta
     except CorruptArtifactError as exc:
         raise TeacherLoadError(f"teacher {teacher.teacher_id!r}: {exc}") from None
     config = load_config(teacher)
@@ -92,6 +93,8 @@ def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[Da
         "device": device, "dtype": str(dtype).replace("torch.", ""), **sizes,
         "layer_importance": [round(float(x), 8) for x in importance], "critical_layers": critical,
         "calibration": calib, "expert_load": load.by_layer() if moe else {},
+        "vision_tower": ("never loaded: the language model alone is distilled on text"
+                         if getattr(store, "language_model_only", False) else None),
     }
     write_json(out, profile)
     return StageResult(artifacts=[out], data=_summary(profile, cached=False))

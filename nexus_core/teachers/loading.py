@@ -34,7 +34,31 @@ def config_from(path, trust_remote_code: bool = False):
     file = gguf.gguf_file(Path(path))
     if file is not None:
         return gguf.load_config(file)
-    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return language_model_config(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), path)
+
+
+def language_model_config(config, path=""):
+    """A vision-language teacher's config -> its language model's (Gemma 3, LLaVA, Mistral 3): the teacher is
+    distilled on text, so only the language model is built, loaded or streamed, never the vision tower.
+    Any other config is returned as it is; a vision-language model whose language model transformers cannot
+    build as a causal LM on its own (Qwen3-VL, Step3-VL's step3p5) is refused with that sentence."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    text = config.get_text_config()
+    if text is config:
+        return config
+    if type(text) not in AutoModelForCausalLM._model_mapping:
+        raise TeacherLoadError(
+            f"{path}: {type(config).__name__} is a vision-language model whose language model "
+            f"({text.model_type}) transformers cannot build as a text-only causal LM, so Nexus cannot distil it "
+            f"yet; use its language model saved on its own (a text-only checkpoint) as the teacher")
+    text = copy.deepcopy(text)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if getattr(text, key, None) is None and getattr(config, key, None) is not None:
+            setattr(text, key, getattr(config, key))
+    return text
 
 
 def load_model(teacher: Teacher, dtype):
@@ -49,8 +73,8 @@ def load_model(teacher: Teacher, dtype):
         if file is not None:
             return gguf.load_model(file, dtype, load_config(teacher))
         config = load_config(teacher)
-        if is_block_fp8(config):
-            return _load_block_fp8(teacher, config, dtype)
+        if is_block_fp8(config) or _language_model_only(teacher.path):
+            return _load_from_store(teacher, config, dtype)
         model, info = AutoModelForCausalLM.from_pretrained(
             teacher.path, dtype=dtype, use_safetensors=True, trust_remote_code=teacher.trust_remote_code,
             output_loading_info=True)
@@ -72,12 +96,19 @@ def is_block_fp8(config) -> bool:
     return bool(q) and str(q.get("quant_method", "")).lower() == "fp8" and bool(q.get("weight_block_size"))
 
 
-def _load_block_fp8(teacher: Teacher, config, dtype):
-    """The whole model from a block-FP8 checkpoint, dequantised by Nexus's weight store (DeepSeek's formula,
-    partial edge blocks included) into `dtype`, then loaded through transformers' own key conversions.
+def _language_model_only(path) -> bool:
+    from nexus_core.teachers.weights import SafetensorsStore
 
-    transformers' CPU fallback infers the block from the scale grid (rows // scale rows), which is wrong
-    for any weight whose side is not a multiple of 128 (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows)."""
+    return SafetensorsStore(Path(path)).language_model_only
+
+
+def _load_from_store(teacher: Teacher, config, dtype):
+    """The whole model from the tensors Nexus's weight store reads, loaded through transformers' own key
+    conversions: block-FP8 dequantised (DeepSeek's formula, partial edge blocks included) into `dtype`, and
+    a vision-language checkpoint's language model alone (config is already the text config).
+
+    transformers' CPU fallback for FP8 infers the block from the scale grid (rows // scale rows), which is
+    wrong for any weight whose side is not a multiple of 128 (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows)."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -88,13 +119,14 @@ def _load_block_fp8(teacher: Teacher, config, dtype):
     with store.reading() as read:
         state = {k: read(k).to(dtype) for k in store.meta.tensors}
     plain = copy.deepcopy(config)
-    del plain.quantization_config  # the weights are dequantised: nothing for transformers to quantise
+    if hasattr(plain, "quantization_config"):
+        del plain.quantization_config  # the weights are dequantised: nothing for transformers to quantise
     cls = AutoModelForCausalLM._model_mapping[type(plain)]
     model, info = cls.from_pretrained(None, config=plain, state_dict=state, dtype=dtype, output_loading_info=True)
     problems = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if problems:
         raise TeacherLoadError(f"teacher {teacher.teacher_id!r} ({teacher.path}): config.json does not match the "
-                               f"FP8 weights ({problems}); fix config.json or re-save the model")
+                               f"weights ({problems}); fix config.json or re-save the model")
     return model.eval()
 
 

@@ -49,6 +49,9 @@ class SafetensorsStore:
         self.scales, scale_files = _split_scales(self.meta)  # weight name -> its scale tensor's name
         self.block = _block_size(self.path) if self.scales else None
         self.files = {**{n: t.file for n, t in self.meta.tensors.items()}, **scale_files}  # name -> file
+        # A vision-language checkpoint: only its language model, under a text model's names (name -> stored name)
+        self.stored_name, self.meta = language_model_view(self.meta)
+        self.language_model_only = bool(self.stored_name)
 
     @contextmanager
     def reading(self) -> Iterator[Reader]:
@@ -66,10 +69,34 @@ class SafetensorsStore:
                 return t
 
             def read(name: str) -> torch.Tensor:
+                name = self.stored_name.get(name, name)
                 if name in self.scales:
                     return dequantise_block_fp8(raw(name), raw(self.scales[name]), self.block, name)
                 return raw(name)
             yield read
+
+
+# Where vision-language checkpoints keep their language model (transformers' save layout and the original
+# releases: Gemma 3, LLaVA, Mistral 3), and the text model's name for it.
+_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                ("language_model.lm_head.", "lm_head."), ("language_model.", ""))
+
+
+def language_model_view(meta: WeightsMeta) -> tuple[dict[str, str], WeightsMeta]:
+    """({text-model name: stored name}, meta of the language model's tensors alone) for a vision-language
+    checkpoint: the vision tower and projector are left out, so nothing ever reads them. ({}, meta) otherwise."""
+    if not any(n.startswith(p) for n in meta.tensors for p, _ in _LM_PREFIXES):
+        return {}, meta
+    names = {}
+    for stored in meta.tensors:
+        new = next((to + stored[len(p):] for p, to in _LM_PREFIXES if stored.startswith(p)), None)
+        if new is None and stored.startswith("lm_head."):
+            new = stored
+        if new is not None:
+            names[new] = stored
+    tensors = {new: meta.tensors[stored] for new, stored in names.items()}
+    files = sorted({t.file for t in tensors.values()})
+    return names, WeightsMeta(files=files, tensors=tensors)
 
 
 def _split_scales(meta: WeightsMeta) -> tuple[dict[str, str], dict[str, str]]:
