@@ -18,7 +18,7 @@ from nexus_core.kd.dense_student import DENSE_SIBLING, rank_experts
 from nexus_core.kd.student import build_student
 from nexus_core.records.plan import DistillPlan
 from nexus_core.storage.profiles import read_profile
-from tests.fp8_files import write_fp8_teacher
+from tests.quantised_files import write_fp8_teacher
 from tests.helpers import ARITH, CODE, DOCS, ENV, completed_once, make_workdir, nexus, setup_home
 
 MOE = ("mixtral", "qwen3_moe", "deepseek_v3")

@@ -73,7 +73,7 @@ def load_model(teacher: Teacher, dtype):
         if file is not None:
             return gguf.load_model(file, dtype, load_config(teacher))
         config = load_config(teacher)
-        if is_block_fp8(config) or _language_model_only(teacher.path):
+        if is_block_fp8(config) or _quant_method(config) == "mxfp4" or _language_model_only(teacher.path):
             return _load_from_store(teacher, config, dtype)
         model, info = AutoModelForCausalLM.from_pretrained(
             teacher.path, dtype=dtype, use_safetensors=True, trust_remote_code=teacher.trust_remote_code,
@@ -91,9 +91,16 @@ def load_model(teacher: Teacher, dtype):
 
 def is_block_fp8(config) -> bool:
     """DeepSeek-V3/R1's release format: quantization_config fp8 with a weight_block_size (weight_scale_inv)."""
+    return _quant_method(config) == "fp8" and bool(_quant(config).get("weight_block_size"))
+
+
+def _quant(config) -> dict:
     q = getattr(config, "quantization_config", None)
-    q = q if isinstance(q, dict) or q is None else q.to_dict()
-    return bool(q) and str(q.get("quant_method", "")).lower() == "fp8" and bool(q.get("weight_block_size"))
+    return q if isinstance(q, dict) else (q.to_dict() if q is not None else {})
+
+
+def _quant_method(config) -> str:
+    return str(_quant(config).get("quant_method", "")).lower()
 
 
 def _language_model_only(path) -> bool:
@@ -104,8 +111,9 @@ def _language_model_only(path) -> bool:
 
 def _load_from_store(teacher: Teacher, config, dtype):
     """The whole model from the tensors Nexus's weight store reads, loaded through transformers' own key
-    conversions: block-FP8 dequantised (DeepSeek's formula, partial edge blocks included) into `dtype`, and
-    a vision-language checkpoint's language model alone (config is already the text config).
+    conversions: block-FP8 dequantised (DeepSeek's formula, partial edge blocks included) and gpt-oss's MXFP4
+    experts into `dtype`, and a vision-language checkpoint's language model alone (config is already the text
+    config).
 
     transformers' CPU fallback for FP8 infers the block from the scale grid (rows // scale rows), which is
     wrong for any weight whose side is not a multiple of 128 (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows)."""

@@ -26,12 +26,13 @@ SUPPORTED = {
     "gemma": "Gemma", "gemma2": "Gemma 2 (soft-capped)", "gpt_neox": "GPT-NeoX", "mixtral": "Mixtral MoE",
     "qwen3_moe": "Qwen3-MoE", "deepseek_v3": "DeepSeek-V3/R1 (MLA, shared + group-routed experts)",
     "gemma3_text": "Gemma 3 text (interleaved sliding/global layers)", "phi3": "Phi-3/4 (fused qkv and gate_up)",
-    "gpt_oss": "gpt-oss (experts with biases, attention sinks; unquantised checkpoints)",
+    "gpt_oss": "gpt-oss (experts with biases, attention sinks)",
 }
 
 # Quantisation formats whose tensors the weight store dequantises one tensor at a time (teachers/weights.py),
 # by config.json's quantization_config.quant_method; any other is named and refused.
-STREAMED_QUANT = {"fp8": "block-scaled FP8 (weight_scale_inv), dequantised per layer"}
+STREAMED_QUANT = {"fp8": "block-scaled FP8 (weight_scale_inv), dequantised per layer",
+                  "mxfp4": "MXFP4 experts (_blocks + _scales), dequantised per layer"}
 
 # Checkpoint-name -> module-name renamings used when transformers' own mapping cannot be read.
 RENAMES = {"mixtral": [(".block_sparse_moe.", ".mlp.")], "gpt_neox": [("embed_out.", "lm_head.")]}
@@ -52,7 +53,7 @@ def sli_support(config) -> tuple[bool, str]:
     archs = ",".join(getattr(config, "architectures", None) or []) or mt
     quant = getattr(config, "quantization_config", None)
     method = _quant_method(quant)
-    if quant and (method not in STREAMED_QUANT or not _block_scaled(quant)):
+    if quant and (method not in STREAMED_QUANT or (method == "fp8" and not _block_scaled(quant))):
         return False, (f"{archs}: {method or 'quantised'} weights cannot be streamed layer by layer (SLI dequantises "
                        f"only {', '.join(STREAMED_QUANT.values())}); convert the checkpoint to safetensors bf16 "
                        f"(e.g. AutoModelForCausalLM.from_pretrained(..., dtype=torch.bfloat16).save_pretrained(...)) "

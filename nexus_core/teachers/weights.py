@@ -5,7 +5,8 @@ A `WeightStore` lists the checkpoint's tensors under their checkpoint names with
 (`meta`, read from file headers alone) and reads them on demand inside `reading()`, which keeps the
 files it opened mapped until the block ends (SLI reads one layer group per block, so pages of
 earlier layers are unmapped as it goes). Weight formats plug in here: safetensors folders
-(`SafetensorsStore`, including DeepSeek-V3's released block-scaled FP8, dequantised tensor by tensor) and
+(`SafetensorsStore`, including DeepSeek-V3's released block-scaled FP8 and gpt-oss's MXFP4 experts,
+dequantised tensor by tensor) and
 GGUF files (`teachers.gguf.GGUFStore`, dequantised); other formats add their own store and register in
 `open_weights`.
 """
@@ -46,9 +47,11 @@ class SafetensorsStore:
         self.path = Path(model_dir)
         self.meta = scan(self.path)
         self.bytes_read = 0
-        self.scales, scale_files = _split_scales(self.meta)  # weight name -> its scale tensor's name
+        files = {n: t.file for n, t in self.meta.tensors.items()}  # every stored name -> its file
+        self.scales = _split_scales(self.meta)  # FP8 weight name -> its scale tensor's name
         self.block = _block_size(self.path) if self.scales else None
-        self.files = {**{n: t.file for n, t in self.meta.tensors.items()}, **scale_files}  # name -> file
+        self.mxfp4 = _split_mxfp4(self.meta)  # MXFP4 tensor name -> (its _blocks, its _scales)
+        self.files = files
         # A vision-language checkpoint: only its language model, under a text model's names (name -> stored name)
         self.stored_name, self.meta = language_model_view(self.meta)
         self.language_model_only = bool(self.stored_name)
@@ -70,6 +73,9 @@ class SafetensorsStore:
 
             def read(name: str) -> torch.Tensor:
                 name = self.stored_name.get(name, name)
+                if name in self.mxfp4:
+                    blocks, scales = self.mxfp4[name]
+                    return dequantise_mxfp4(raw(blocks), raw(scales))
                 if name in self.scales:
                     return dequantise_block_fp8(raw(name), raw(self.scales[name]), self.block, name)
                 return raw(name)
@@ -99,18 +105,17 @@ def language_model_view(meta: WeightsMeta) -> tuple[dict[str, str], WeightsMeta]
     return names, WeightsMeta(files=files, tensors=tensors)
 
 
-def _split_scales(meta: WeightsMeta) -> tuple[dict[str, str], dict[str, str]]:
-    """Take `*.weight_scale_inv` out of meta.tensors: (weight -> scale name, scale name -> file)."""
-    scales, scale_files = {}, {}
+def _split_scales(meta: WeightsMeta) -> dict[str, str]:
+    """Take `*.weight_scale_inv` out of meta.tensors (their bytes go on their weight): weight -> scale name."""
+    scales = {}
     for name in [n for n in meta.tensors if n.endswith("_scale_inv")]:
         weight = name[: -len("_scale_inv")]
         info = meta.tensors.pop(name)
-        scale_files[name] = info.file
         if weight in meta.tensors:
             w = meta.tensors[weight]
             meta.tensors[weight] = TensorInfo(w.dtype, w.shape, w.file, w.nbytes + info.nbytes)
             scales[weight] = name
-    return scales, scale_files
+    return scales
 
 
 def _block_size(model_dir: Path) -> tuple[int, int]:
@@ -121,6 +126,34 @@ def _block_size(model_dir: Path) -> tuple[int, int]:
         q = {}
     rows, cols = q.get("weight_block_size") or (128, 128)
     return int(rows), int(cols)
+
+
+def _split_mxfp4(meta: WeightsMeta) -> dict[str, tuple[str, str]]:
+    """gpt-oss's MXFP4 experts: `X_blocks` (..., rows, G, 16) uint8 + `X_scales` (..., rows, G) uint8 become
+    one tensor `X` of shape (..., G*32, rows) in meta (the layout transformers' gpt-oss modules hold)."""
+    out = {}
+    for name in [n for n in meta.tensors if n.endswith("_blocks")]:
+        base = name[: -len("_blocks")]
+        if base + "_scales" not in meta.tensors:
+            continue
+        b, s = meta.tensors.pop(name), meta.tensors.pop(base + "_scales")
+        *lead, rows, G, B = b.shape
+        meta.tensors[base] = TensorInfo("MXFP4", (*lead, G * B * 2, rows), b.file, b.nbytes + s.nbytes)
+        out[base] = (name, base + "_scales")
+    return out
+
+
+# FP4 (e2m1) values by nibble, as the OCP MX spec and gpt-oss's release define them
+_FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def dequantise_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(..., rows, G, 16) packed FP4 (low nibble first) and (..., rows, G) E8M0 exponents (bias 127)
+    -> (..., G*32, rows) float32: each group of 32 values times 2**(scale - 127), then transposed."""
+    lo, hi = _FP4[(blocks & 0x0F).long()], _FP4[(blocks >> 4).long()]      # (..., rows, G, 16) each
+    vals = torch.stack([lo, hi], dim=-1).flatten(-2)                        # (..., rows, G, 32)
+    vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1))  # exact: a power of two
+    return vals.flatten(-2).transpose(-1, -2).contiguous()                  # (..., G*32, rows)
 
 
 def dequantise_block_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], name: str = "") -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""DeepSeek-V3's released weight format: FP8 (float8_e4m3fn) weights with per-128x128-block `weight_scale_inv`.
+"""Released quantised weight formats: DeepSeek-V3's FP8 with per-128x128-block `weight_scale_inv`, gpt-oss's MXFP4.
 
 The test writes such a checkpoint itself from a tiny deepseek_v3 model whose sides are not multiples of
 128 (edge blocks are partial, as in the real kv_a_proj_with_mqa: 576 rows), plus the reference: the same
 FP8 weights dequantised (weight * scale, block-wise: DeepSeek's inference/kernel.py weight_dequant)
 saved as an ordinary float32 checkpoint and loaded by transformers. Streamed (`--sli always`) and full
 (`--sli never`) loads of the FP8 folder must equal it: same top-k ids, log-probs equal to the bit on
-CPU fp32 (tolerance 0: the dequantised values and the module code are the same).
+CPU fp32 (tolerance 0: the dequantised values and the module code are the same). gpt-oss's MXFP4 experts
+(packed e2m1 + E8M0 exponents, tests/quantised_files.py) are checked the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from nexus_core.teachers.mode import choose_mode
 from nexus_core.teachers.runner import FullRunner
 from nexus_core.teachers.sli import StreamingRunner, sli_support
 from nexus_core.teachers.weights import SafetensorsStore
-from tests.fp8_files import write_fp8_teacher
+from tests.quantised_files import write_fp8_teacher, write_mxfp4_teacher
 from tests.helpers import setup_home
 
 TEXTS = [f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(120)]
@@ -111,3 +112,26 @@ def test_sli_always_profile_names_the_mode_and_other_quantisations_are_refused(t
     with pytest.raises(NexusError, match="--sli always, but SLI cannot stream it"):
         choose_mode(settings, Teacher("q", str(fp8), "ready", ""), cfg, SafetensorsStore(fp8).meta, "cpu",
                     torch.float32)
+
+
+# --- gpt-oss's MXFP4 experts ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    tok = mf.train_tokenizer(TEXTS, vocab_size=300)
+    return write_mxfp4_teacher(tmp_path_factory.mktemp("mxfp4"), tok, TEXTS)
+
+
+@pytest.mark.parametrize("runner", [StreamingRunner, FullRunner])
+def test_mxfp4_experts_equal_the_dequantised_reference(gpt_oss, runner):
+    """Streamed and full loads of the MXFP4 folder = its experts dequantised (which transformers' own CPU
+    dequantisation of the same folder also equals), bit for bit on CPU fp32."""
+    q, ref = gpt_oss
+    ids, mask = _chunk(300)
+    (v1, i1), (v2, i2) = _topk(runner(q), ids, mask), _reference(ref, ids, mask)
+    assert torch.equal(i1, i2) and torch.equal(v1, v2)
+    store = SafetensorsStore(q)
+    assert store.meta.tensors["model.layers.0.mlp.experts.gate_up_proj"].dtype == "MXFP4"
+    assert not any(k.endswith(("_blocks", "_scales")) for k in store.meta.tensors)
+    ok, why = sli_support(AutoConfig.from_pretrained(q))
+    assert ok and "MXFP4" in why
