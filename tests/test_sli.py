@@ -212,7 +212,7 @@ def test_unsupported_architecture_is_named_and_falls_back(tmp_path, tok):
     settings = Settings()
     settings.run.sli, settings.memory.budget = "always", "1GB"
     teacher = Teacher("gpt2", str(d), "ready", "")
-    with pytest.raises(NexusError, match="--sli always, but SLI cannot stream it .*gpt2"):
+    with pytest.raises(NexusError, match="--sli always, but SLI cannot stream it: use --sli auto or never.*gpt2"):
         choose_mode(settings, teacher, cfg, scan(d), "cpu", torch.float32)
     # --sli auto over the budget: loaded whole when it fits, refused when not
     settings.run.sli = "auto"

@@ -52,8 +52,8 @@ def choose_mode(cfg: Settings, teacher: Teacher, config, meta, device: str, dtyp
     if sli_ok:  # the reason names what streams and how (architecture, weight format)
         return "sli", f"{why}; {sli_how}", sli_ok, sli_why, sizes
     if want == "always":  # asked for by name: never a silent full load
-        raise TeacherLoadError(f"teacher {teacher.teacher_id!r}: --sli always, but SLI cannot stream it ({sli_why}). "
-                               f"Use --sli auto or never to load it whole ({fit_words})")
+        raise TeacherLoadError(f"teacher {teacher.teacher_id!r}: --sli always, but SLI cannot stream it: use --sli "
+                               f"auto or never to load it whole ({fit_words}). Why: {sli_why}")
     if fits:
         return "full", f"{why}, but SLI cannot stream this model ({sli_why}); {fit_words}, so it is loaded whole", \
             sli_ok, sli_why, sizes
