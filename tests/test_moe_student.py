@@ -108,4 +108,6 @@ def test_nexus_run_with_deepseek_v3_in_its_fp8_release_format_streamed(tmp_path,
     assert profile["mode"] == "sli" and "FP8" in profile["mode_reason"] and profile["expert_load"]
     for manifest in paths.memory.glob("tiny/*/manifest.json"):
         assert json.loads(manifest.read_text())["mode"] == "sli"
-    assert json.loads((paths.release / "config.json").read_text())["model_type"] == "deepseek_v3"
+    released = json.loads((paths.release / "config.json").read_text())
+    assert released["model_type"] == "deepseek_v3" and "quantization_config" not in released  # ships in full precision
+    AutoModelForCausalLM.from_pretrained(paths.release)  # and loads as it is

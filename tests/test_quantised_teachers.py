@@ -135,3 +135,20 @@ def test_mxfp4_experts_equal_the_dequantised_reference(gpt_oss, runner):
     assert not any(k.endswith(("_blocks", "_scales")) for k in store.meta.tensors)
     ok, why = sli_support(AutoConfig.from_pretrained(q))
     assert ok and "MXFP4" in why
+
+
+def test_a_quantised_teacher_seeds_a_full_precision_student(tmp_path, gpt_oss):
+    """gpt-oss (no dense sibling): the depth-pruned MoE student holds the dequantised experts and no
+    quantization_config, so the release loads as an ordinary model."""
+    from nexus_core.kd.student import build_student
+    from nexus_core.records.plan import DistillPlan
+    from nexus_core.storage.profiles import read_profile
+
+    q, ref = gpt_oss
+    cfg, teacher, data_ref, paths = setup_home(tmp_path / "home", q)
+    plan = DistillPlan(teachers=(teacher,), primary="tiny", datasets=(data_ref.key,))
+    student, info = build_student(cfg, plan, paths, "cpu", read_profile(paths, "tiny"))
+    assert "quantization_config" not in student.config.to_dict()
+    plain = AutoModelForCausalLM.from_pretrained(ref)
+    k = info["kept_layers"][0]
+    assert torch.equal(student.model.layers[0].mlp.experts.gate_up_proj, plain.model.layers[k].mlp.experts.gate_up_proj)

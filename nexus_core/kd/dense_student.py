@@ -48,7 +48,7 @@ def dense_config(teacher_config, kept: list[int]):
     target = CONFIG_MAPPING[DENSE_SIBLING[tcfg.model_type]]
     known = set(target().to_dict())
     src = {k: copy.deepcopy(v) for k, v in tcfg.to_dict().items()
-           if k in known and k not in ("model_type", "architectures", "transformers_version")}
+           if k in known and k not in ("model_type", "architectures", "transformers_version", "quantization_config")}
     types = src.pop("layer_types", None)
     src["num_hidden_layers"] = len(kept)  # in the constructor: derived fields (layer_types) follow it
     if isinstance(types, list) and len(types) == tcfg.num_hidden_layers:

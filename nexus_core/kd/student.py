@@ -64,6 +64,8 @@ def pick_layers(importance: list[float] | None, n_layers: int, n_keep: int) -> l
 
 def pruned_config(teacher_config, kept: list[int]):
     cfg = copy.deepcopy(teacher_config)
+    if hasattr(cfg, "quantization_config"):  # the student trains and ships in full precision (FP8/MXFP4 teachers)
+        del cfg.quantization_config
     per_layer = getattr(cfg, "layer_types", None)
     cfg.num_hidden_layers = len(kept)
     if isinstance(per_layer, list) and len(per_layer) == teacher_config.num_hidden_layers:
