@@ -94,7 +94,41 @@ def test_profile_says_so_and_the_student_is_the_language_model(tmp_path, gemma3_
 
 
 def test_a_language_model_transformers_cannot_build_alone_is_refused_by_name(tmp_path):
-    cfg = tf.Qwen3VLConfig()
-    cfg.save_pretrained(tmp_path)
-    with pytest.raises(TeacherLoadError, match="vision-language model .*qwen3_vl_text.*text-only"):
+    tf.Step3p7Config().save_pretrained(tmp_path)  # Step3-VL: its step3p5 language model has no causal LM class
+    with pytest.raises(TeacherLoadError, match="vision-language model .*step3p5.*text-only"):
         config_from(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl(tmp_path_factory):
+    tok = mf.train_tokenizer(DOCS, vocab_size=300)
+    V = len(tok)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    cfg = tf.Qwen3VLConfig(
+        text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         rope_parameters=rope),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=14, deepstack_visual_indexes=[0]),
+        image_token_id=V - 1, video_token_id=V - 2, vision_start_token_id=V - 3, vision_end_token_id=V - 4,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = tf.Qwen3VLForConditionalGeneration(cfg).eval()
+    return mf.save_model(model, tok, tmp_path_factory.mktemp("qvl") / "qwen3-vl"), model
+
+
+@pytest.mark.parametrize("runner", [StreamingRunner, FullRunner])
+def test_qwen3_vl_language_model_runs_as_qwen3(qwen3_vl, runner):
+    """Qwen3-VL's text model has no causal LM class; on text (three equal position components) its
+    multimodal RoPE is Qwen3's, so it runs as Qwen3: the multimodal model's text logits, bit for bit."""
+    d, model = qwen3_vl
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 290, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    r = runner(d)
+    assert r.config.model_type == "qwen3"
+    assert torch.equal(r.logits(r.forward(ids, mask).final_hidden), ref)
+    r.close()

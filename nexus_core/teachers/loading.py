@@ -37,11 +37,30 @@ def config_from(path, trust_remote_code: bool = False):
     return language_model_config(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), path)
 
 
+# Language models of vision-language teachers that transformers builds only inside the multimodal model, and
+# the text model that computes the same thing on text: Qwen3-VL's text model is Qwen3 with multimodal RoPE,
+# which on text alone (the three position components equal) is Qwen3's RoPE (tests/test_vision_language.py).
+TEXT_AS = {"qwen3_vl_text": "qwen3"}
+
+
+def _as_text_model(text):
+    from transformers import CONFIG_MAPPING
+
+    target = CONFIG_MAPPING[TEXT_AS[text.model_type]]
+    known = set(target().to_dict())
+    src = {k: v for k, v in text.to_dict().items() if k in known and k not in ("model_type", "architectures")}
+    rope = src.get("rope_parameters")
+    if isinstance(rope, dict):  # the multimodal sections mean nothing without images
+        src["rope_parameters"] = {k: v for k, v in rope.items() if not k.startswith("mrope")}
+    return target(**src)
+
+
 def language_model_config(config, path=""):
     """A vision-language teacher's config -> its language model's (Gemma 3, LLaVA, Mistral 3): the teacher is
     distilled on text, so only the language model is built, loaded or streamed, never the vision tower.
-    Any other config is returned as it is; a vision-language model whose language model transformers cannot
-    build as a causal LM on its own (Qwen3-VL, Step3-VL's step3p5) is refused with that sentence."""
+    Qwen3-VL's language model runs as the text model TEXT_AS names. Any other config is returned as it is; a
+    vision-language model whose language model transformers cannot build as a causal LM on its own (Step3-VL's
+    step3p5, Qwen2.5-VL) is refused with that sentence."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -49,6 +68,8 @@ def language_model_config(config, path=""):
     text = config.get_text_config()
     if text is config:
         return config
+    if type(text) not in AutoModelForCausalLM._model_mapping and text.model_type in TEXT_AS:
+        text = _as_text_model(text)
     if type(text) not in AutoModelForCausalLM._model_mapping:
         raise TeacherLoadError(
             f"{path}: {type(config).__name__} is a vision-language model whose language model "
