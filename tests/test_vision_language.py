@@ -132,3 +132,24 @@ def test_qwen3_vl_language_model_runs_as_qwen3(qwen3_vl, runner):
     assert r.config.model_type == "qwen3"
     assert torch.equal(r.logits(r.forward(ids, mask).final_hidden), ref)
     r.close()
+
+
+@pytest.mark.slow
+def test_nexus_run_with_a_vision_language_primary_teacher(tmp_path, redis_conn, redis_url):
+    from tests.helpers import ARITH, CODE, ENV, completed_once, make_workdir, nexus
+
+    tok = mf.train_tokenizer(ARITH + CODE, vocab_size=384)
+    V = len(tok)
+    cfg = tf.Gemma3Config(
+        text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                         max_position_embeddings=64),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=1, image_token_index=V - 1, boi_token_index=V - 2, eoi_token_index=V - 3)
+    d = mf.save_model(tf.Gemma3ForConditionalGeneration(cfg), tok, tmp_path / "teachers" / "gemma3-vl")
+    paths = make_workdir(tmp_path, d)
+    result = nexus(paths, "run", redis_url=redis_url, env_extra={**ENV, "NEXUS_RUN_SLI": "always"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    completed_once(paths)
+    assert json.loads((paths.release / "config.json").read_text())["model_type"] == "gemma3_text"
