@@ -18,8 +18,8 @@ from nexus_core.kd.dense_student import DENSE_SIBLING, rank_experts
 from nexus_core.kd.student import build_student
 from nexus_core.records.plan import DistillPlan
 from nexus_core.storage.profiles import read_profile
-from tests.quantised_files import write_fp8_teacher
 from tests.helpers import ARITH, CODE, DOCS, ENV, completed_once, make_workdir, nexus, setup_home
+from tests.quantised_files import write_fp8_teacher
 
 MOE = ("mixtral", "qwen3_moe", "deepseek_v3")
 SIZES = dict(hidden=32, layers=4, heads=4, kv_heads=2, intermediate=16, max_pos=64, experts=4, experts_per_tok=2)

@@ -26,8 +26,8 @@ from nexus_core.teachers.mode import choose_mode
 from nexus_core.teachers.runner import FullRunner
 from nexus_core.teachers.sli import StreamingRunner, sli_support
 from nexus_core.teachers.weights import SafetensorsStore
-from tests.quantised_files import write_fp8_teacher, write_mxfp4_teacher
 from tests.helpers import setup_home
+from tests.quantised_files import write_fp8_teacher, write_mxfp4_teacher
 
 TEXTS = [f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(120)]
 K = 8

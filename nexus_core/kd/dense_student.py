@@ -150,7 +150,7 @@ def _put(gate, up, down, row: int, g, u, d, scale: float) -> int:
 
 def check_complete(missing: list[str], used: dict, teacher_id: str) -> None:
     """Every student tensor filled: the MLPs by seed_mlps, everything else by name; else one error naming them."""
-    left = [k for k in missing if not (_mlp_of(k) in used)]
+    left = [k for k in missing if _mlp_of(k) not in used]
     if left:
         raise BadInputError(f"teacher {teacher_id!r}: the dense student cannot be seeded from its checkpoint; no "
                             f"tensor for {', '.join(left[:8])}{' …' if len(left) > 8 else ''}")
