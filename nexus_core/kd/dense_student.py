@@ -108,33 +108,34 @@ def rank_experts(load: list[int] | None, n: int) -> list[int]:
 
 def seed_mlps(model, store, kept: list[int], teacher_config, expert_load: dict) -> dict:
     """Fill the MLP of each student layer whose teacher layer is MoE; returns {student layer: what was used}."""
-    tcfg = teacher_config.get_text_config()
-    scaling = float(getattr(tcfg, "routed_scaling_factor", 1.0) or 1.0)
+    scaling = float(getattr(teacher_config.get_text_config(), "routed_scaling_factor", 1.0) or 1.0)
     sources = _expert_keys(store.meta.tensors)
-    used = {}
     layers = getattr(model, model.base_model_prefix).layers
+    used = {}
     with store.reading() as read, torch.no_grad():
         for j, k in enumerate(kept):
             if k not in sources:
                 continue  # a dense teacher layer: copied by name with the rest
-            src, mlp = sources[k], layers[j].mlp
-            gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # (I_s,H),(I_s,H),(H,I_s)
-            width, row = gate.shape[0], 0
-            down.zero_()
-            if src.shared:  # shared experts first: every token goes through them
-                sg = read(src.shared["gate"]).float()
-                row = _put(gate, up, down, row, sg, read(src.shared["up"]).float(), read(src.shared["down"]).float(), 1.0)
-            n = src.count(store.meta)
-            order = rank_experts(expert_load.get(str(k)), n)
-            per_expert = int(store.meta.tensors[src.fused["down_proj"]].shape[-1]) if src.fused else \
-                int(store.meta.tensors[src.per_expert[order[0]]["gate"]].shape[0])  # an expert's width
-            taken = order[:max(0, min(n, -(-(width - row) // per_expert)))]
-            for e in taken:
-                g, u, d = _expert(read, src, e)
-                row = _put(gate, up, down, row, g, u, d, scaling / len(taken))
-            used[j] = {"teacher_layer": k, "shared": bool(src.shared), "experts": taken,
+            order = rank_experts(expert_load.get(str(k)), sources[k].count(store.meta))
+            taken = _seed_layer(layers[j].mlp, read, store.meta, sources[k], order, scaling)
+            used[j] = {"teacher_layer": k, "shared": bool(sources[k].shared), "experts": taken,
                        "load": "calibration" if str(k) in expert_load else "none recorded (experts by id)"}
     return used
+
+
+def _seed_layer(mlp, read, meta, src: _LayerExperts, order: list[int], scaling: float) -> list[int]:
+    """One dense MLP from shared experts, then the busiest routed ones until its width is full; returns those."""
+    gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # (I_s, H), (I_s, H), (H, I_s)
+    down.zero_()  # rows no expert fills start silent
+    row = 0
+    if src.shared:  # every token goes through them: weight 1
+        row = _put(gate, up, down, row, *(read(src.shared[r]).float() for r in ("gate", "up", "down")), 1.0)
+    width = int(meta.tensors[src.fused["down_proj"]].shape[-1]) if src.fused else \
+        int(meta.tensors[src.per_expert[order[0]]["gate"]].shape[0])  # one expert's intermediate width
+    taken = order[:max(0, min(len(order), -(-(gate.shape[0] - row) // width)))]
+    for e in taken:
+        row = _put(gate, up, down, row, *_expert(read, src, e), scaling / len(taken))
+    return taken
 
 
 def _put(gate, up, down, row: int, g, u, d, scale: float) -> int:
