@@ -12,6 +12,11 @@ resident. With a memory budget, each layer runs over the chunk in micro-batches 
 hidden states spill to a memory-mapped scratch file when they outgrow it. Mixture-of-experts
 layers read only the routed experts when a chunk is too small to route to most of them. Numbers are bit-identical to a full load on CPU
 because the very same module code runs on the very same inputs.
+
+A group holds a module's parameters and the persistent buffers the checkpoint stores (DeepSeek-V3's routing
+bias). Tensors come through the weight store (teachers/weights.py), which dequantises released formats
+(block-FP8, MXFP4, GGUF) one tensor at a time and shows a vision-language checkpoint's language model alone;
+what is per-architecture is one table (sli_arch.SUPPORTED, STREAMED_QUANT).
 """
 
 from __future__ import annotations
