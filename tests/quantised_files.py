@@ -62,6 +62,10 @@ def write_fp8_teacher(root, tok, texts, sizes=None) -> tuple:
     cfg = json.loads((fp8 / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                   "weight_block_size": [BLOCK, BLOCK]}
+    # as released: an auto_map to DeepSeek's own modelling code, which Nexus never runs (no trust_remote_code):
+    # transformers' native deepseek_v3 runs instead, streamed or not
+    cfg["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                       "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
     (fp8 / "config.json").write_text(json.dumps(cfg))
     return fp8, ref
 
