@@ -268,3 +268,19 @@ def test_targets_numerics_padding_clamp_and_chunking():
     assert a["tail_logmass"][0, 0] == pytest.approx(LOG_EPS) and torch.isfinite(a["tail_logmass"]).all()
     expect = torch.log1p(-v.exp().sum(-1)).float()
     torch.testing.assert_close(a["tail_logmass"][1], expect[1], atol=1e-5, rtol=1e-5)
+
+
+def test_logit_chunks_are_sized_by_the_heads_width(tmp_path, teachers, monkeypatch):
+    """A head padded past the tokenizer (Gemma 3: 262k rows) sizes the auto logits chunk, not the tokenizer."""
+    from nexus_core.stages import extract
+    from nexus_core.teachers import logits
+
+    path, _ = teachers["llama"]  # head 320 rows, tokenizer ~300
+    monkeypatch.setattr(logits, "LOGIT_CHUNK_BYTES", 4 * 320 * 15)  # 15 positions of the head (16 of the tokenizer)
+    seen = []
+    real = extract.topk_targets
+    monkeypatch.setattr(extract, "topk_targets", lambda fn, flat, k, v, chunk: seen.append(chunk) or real(
+        fn, flat, k, v, chunk))
+    cfg, teacher, ref, paths = setup_home(tmp_path, path, extract={"max_samples": 4, "logit_chunk": 0})
+    run_extract(cfg, teacher, ref, paths)
+    assert seen and set(seen) == {15}

@@ -91,11 +91,24 @@ def _assert_same(model_dir, runner_kwargs=None, n=3, T=12, keep=(0, 2)):
     return runner
 
 
-@pytest.mark.parametrize("arch", mf.ARCHS)
+@pytest.mark.parametrize("arch", mf.ARCHS + mf.FAMILIES)
 def test_matches_full_load_bit_for_bit(tmp_path, tok, arch):
+    """Same top-k ids and log-probs, bit for bit, for every architecture the generic path streams (CPU fp32)."""
     d = mf.make_teacher(tmp_path / arch, TEXTS, arch=arch, tokenizer=tok, **SIZES)
+    if arch == "deepseek_v3":  # routing bias is a persistent buffer in the checkpoint: it must be streamed too
+        _randomise_routing_bias(d)
     runner = _assert_same(d)
     assert runner.stats["bytes_read"] == sum(f.stat().st_size for f in d.glob("*.safetensors")) - _headers(d)
+
+
+def _randomise_routing_bias(d):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(d / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    for k in [k for k in sd if k.endswith("e_score_correction_bias")]:
+        sd[k] = torch.rand(sd[k].shape, generator=g)
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _headers(d):
@@ -155,9 +168,10 @@ def test_mixtral_per_expert_and_fused_checkpoints(tmp_path, tok):
     _assert_same(fused)
 
 
-def test_moe_reads_only_routed_experts(tmp_path, tok):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_moe_reads_only_routed_experts(tmp_path, tok, arch):
     """A short chunk over many experts reads only the experts it routes to, and still matches."""
-    d = mf.make_teacher(tmp_path / "mx8", TEXTS, arch="mixtral", tokenizer=tok, experts=8, experts_per_tok=1,
+    d = mf.make_teacher(tmp_path / "mx8", TEXTS, arch=arch, tokenizer=tok, experts=8, experts_per_tok=1,
                         **SIZES)
     runner = _assert_same(d, n=1, T=3, keep=(1,))
     assert 0 < runner.stats["expert_tensors_read"] <= 3 * 3 * 2  # ≤ 3 tokens' experts × 3 layers × (gate_up, down)
@@ -194,10 +208,15 @@ def test_unsupported_architecture_is_named_and_falls_back(tmp_path, tok):
     d = mf.save_model(mf.build_model(cfg), tok, tmp_path / "gpt2")
     with pytest.raises(SLIUnsupportedError, match="gpt2"):
         StreamingRunner(d)
-    # --sli always on an architecture SLI cannot stream: loaded whole when it fits, refused when not
+    # --sli always on an architecture SLI cannot stream: refused by name, never a silent full load
     settings = Settings()
     settings.run.sli, settings.memory.budget = "always", "1GB"
     teacher = Teacher("gpt2", str(d), "ready", "")
+    with pytest.raises(NexusError, match="--sli always, but SLI cannot stream it: use --sli auto or never.*gpt2"):
+        choose_mode(settings, teacher, cfg, scan(d), "cpu", torch.float32)
+    # --sli auto over the budget: loaded whole when it fits, refused when not
+    settings.run.sli = "auto"
+    settings.memory.sli_params_threshold = 1
     mode, reason, sli_ok, _, _ = choose_mode(settings, teacher, cfg, scan(d), "cpu", torch.float32)
     assert (mode, sli_ok) == ("full", False) and "cannot stream" in reason
     settings.memory.budget = "1KB"

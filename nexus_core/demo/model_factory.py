@@ -10,6 +10,8 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 ARCHS = ("llama", "mistral", "qwen2", "gemma", "gpt_neox", "mixtral")
+# Architectures users arrive with (tests/test_teacher_families.py): the MoE ones seed a dense student.
+FAMILIES = ("qwen3_moe", "deepseek_v3", "gemma3_text", "phi3", "gpt_oss")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 512, algorithm: str = "bpe"):
@@ -40,7 +42,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512, algorithm: str = "b
 def make_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 4, heads: int = 4,
                 kv_heads: int = 2, intermediate: int | None = None, max_pos: int = 512,
                 experts: int = 4, experts_per_tok: int = 2, tokenizer=None, **extra):
-    """An HF config for one of ARCHS, sized by the arguments."""
+    """An HF config for one of ARCHS or FAMILIES, sized by the arguments (MoE experts: `intermediate` wide)."""
     import transformers as tf
 
     inter = intermediate or hidden * 2
@@ -64,11 +66,45 @@ def make_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 4, h
     elif arch == "mixtral":
         cfg = tf.MixtralConfig(num_key_value_heads=kv_heads, num_local_experts=experts,
                                num_experts_per_tok=experts_per_tok, **common)
+    elif arch in FAMILIES:
+        cfg = _family_config(arch, common, hidden, heads, kv_heads, inter, experts, experts_per_tok)
     else:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
+        raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS + FAMILIES}")
     for k, v in extra.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def _family_config(arch: str, common: dict, hidden: int, heads: int, kv_heads: int, inter: int, experts: int,
+                   experts_per_tok: int):
+    """Tiny configs of the released families: every distinctive feature on (MLA, shared experts, group-limited
+    routing and dense first layers for DeepSeek-V3; interleaved sliding/global layers for Gemma 3 and gpt-oss)."""
+    import transformers as tf
+
+    head_dim = hidden // heads
+    layers = common["num_hidden_layers"]
+    if arch == "qwen3_moe":  # dense `intermediate_size` = experts_per_tok experts, as in Qwen3-30B-A3B
+        return tf.Qwen3MoeConfig(num_key_value_heads=kv_heads, head_dim=head_dim, num_experts=experts,
+                                 num_experts_per_tok=experts_per_tok, moe_intermediate_size=inter,
+                                 norm_topk_prob=True, **{**common, "intermediate_size": inter * experts_per_tok})
+    if arch == "deepseek_v3":  # dense width = shared + routed experts per token, as in DeepSeek-V3
+        return tf.DeepseekV3Config(num_key_value_heads=heads, n_routed_experts=experts, n_shared_experts=1,
+                                   num_experts_per_tok=experts_per_tok, n_group=2, topk_group=1,
+                                   first_k_dense_replace=1, moe_intermediate_size=inter, kv_lora_rank=16,
+                                   q_lora_rank=24, qk_rope_head_dim=head_dim, qk_nope_head_dim=head_dim,
+                                   v_head_dim=head_dim, routed_scaling_factor=2.5,
+                                   **{**common, "intermediate_size": inter * (experts_per_tok + 1)})
+    if arch == "gemma3_text":
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+        return tf.Gemma3TextConfig(num_key_value_heads=kv_heads, head_dim=head_dim, sliding_window=4,
+                                   layer_types=types, query_pre_attn_scalar=head_dim, **common)
+    if arch == "phi3":
+        return tf.Phi3Config(num_key_value_heads=kv_heads, **common)
+    # gpt_oss: experts with biases and a clamped SwiGLU, attention sinks, alternating sliding windows
+    types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    return tf.GptOssConfig(num_key_value_heads=kv_heads, head_dim=head_dim, num_local_experts=experts,
+                           num_experts_per_tok=experts_per_tok, sliding_window=4, layer_types=types,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
 
 
 def build_model(config, seed: int = 0):

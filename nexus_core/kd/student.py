@@ -19,6 +19,7 @@ import torch
 
 from nexus_core.config import Settings, parse_bytes
 from nexus_core.errors import BadInputError
+from nexus_core.kd import dense_student
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
 from nexus_core.teachers.loading import load_config, load_model
@@ -63,6 +64,8 @@ def pick_layers(importance: list[float] | None, n_layers: int, n_keep: int) -> l
 
 def pruned_config(teacher_config, kept: list[int]):
     cfg = copy.deepcopy(teacher_config)
+    if hasattr(cfg, "quantization_config"):  # the student trains and ships in full precision (FP8/MXFP4 teachers)
+        del cfg.quantization_config
     per_layer = getattr(cfg, "layer_types", None)
     cfg.num_hidden_layers = len(kept)
     if isinstance(per_layer, list) and len(per_layer) == teacher_config.num_hidden_layers:
@@ -122,14 +125,17 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
 
     teacher = plan.primary_teacher
     t_config = load_config(teacher)  # config.json, or a GGUF file's metadata
-    L = t_config.num_hidden_layers
+    L = t_config.get_text_config().num_hidden_layers
     kept = pick_layers(profile.get("layer_importance"), L, keep_count(cfg, L))
-    s_config = pruned_config(t_config, kept)
+    moe = dense_student.is_moe(t_config)  # a MoE teacher seeds its dense sibling (kd/dense_student.py)
+    s_config = dense_student.dense_config(t_config, kept) if moe else pruned_config(t_config, kept)
     params = count_params(s_config)
     need, budget = int(params * TRAIN_BYTES_PER_PARAM * ACTIVATION_MARGIN), memory_budget(cfg, device)
     if need <= budget:
         torch.manual_seed(cfg.run.seed)
         model = model_from_config(s_config)
+        if moe:
+            return model, _seed_dense(model, teacher, t_config, kept, profile, params)
         missing = _copy_from_weights(model, Path(teacher.path), kept)
         if missing:
             _copy_from_model(model, Path(teacher.path), kept, teacher.trust_remote_code)
@@ -156,6 +162,20 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
                 reason=f"the depth-pruned student (~{need / 1e9:.1f} GB to train) exceeds the memory budget "
                        f"({budget / 1e9:.1f} GB); built from --student-config with {teacher.teacher_id}'s tokenizer")
     return model, {"source": "config", "kept_layers": [], "teacher_layers": L, "params": params}
+
+
+def _seed_dense(model, teacher, t_config, kept: list[int], profile: dict, params: int) -> dict:
+    """Copy the kept layers' attention/norms by name and fill their MLPs from the busiest experts."""
+    missing = _copy_from_weights(model, Path(teacher.path), kept)
+    used = dense_student.seed_mlps(model, open_weights(teacher.path), kept, t_config, profile.get("expert_load") or {})
+    dense_student.check_complete(missing, used, teacher.teacher_id)
+    L = t_config.get_text_config().num_hidden_layers
+    log.info("distill.student", source="dense from MoE", teacher=teacher.teacher_id, kept_layers=kept,
+             teacher_layers=L, params=params, architecture=model.config.model_type,
+             experts={j: u["experts"] for j, u in used.items()})
+    return {"source": f"pruned, dense {model.config.model_type} seeded from the most-used experts",
+            "kept_layers": kept, "teacher_layers": L, "params": params,
+            "mlp_from_experts": {str(j): u for j, u in used.items()}}
 
 
 def student_layer_for(teacher_layer: int, kept: list[int], n_student: int, n_teacher: int) -> int:

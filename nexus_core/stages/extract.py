@@ -253,8 +253,10 @@ def _targets(runner, ids, mask, ex, real_vocab, hidden_layers) -> dict[str, torc
     h = out.final_hidden  # (b, T, H)
     b, T, H = h.shape
     k = ex.top_k
+    # chunk by the head's width (the logits' row), not the tokenizer's: a head padded to 262k rows beside a
+    # small tokenizer would otherwise get chunks sized for the small vocabulary (GBs of logits at once)
     top_ids, top_lp, tail = topk_targets(runner.logits, h.reshape(b * T, H), k, real_vocab,
-                                         logit_positions(ex, real_vocab))
+                                         logit_positions(ex, max(real_vocab, runner.head_vocab)))
     res = {"input_ids": ids.to(torch.int32).cpu(), "attention_mask": mask.to(torch.uint8).cpu(),
            "topk_ids": top_ids.view(b, T, k), "topk_logprobs": top_lp.view(b, T, k),
            "tail_logmass": tail.view(b, T)}

@@ -23,6 +23,7 @@ from nexus_core.errors import CorruptArtifactError, DatasetError
 from nexus_core.paths import Paths
 from nexus_core.records.registry import Teacher
 from nexus_core.storage.atomic import write_json
+from nexus_core.teachers.expert_load import ExpertLoad
 from nexus_core.teachers.loading import (
     TeacherLoadError,
     check_against_weights,
@@ -47,7 +48,8 @@ def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[Da
 
     # 1. Static facts: weights headers, config, tokenizer.
     try:
-        meta = open_weights(teacher.path).meta
+        store = open_weights(teacher.path)
+        meta = store.meta
     except CorruptArtifactError as exc:
         raise TeacherLoadError(f"teacher {teacher.teacher_id!r}: {exc}") from None
     config = load_config(teacher)
@@ -65,11 +67,13 @@ def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[Da
     dtype = default_dtype(device, meta.main_dtype)
     mode, reason, sli_ok, sli_why, sizes = choose_mode(cfg, teacher, config, meta, device, dtype)
 
-    # 3. Layer importance over a calibration sample, in that mode.
+    # 3. Layer importance over a calibration sample, in that mode; for a MoE teacher the same forward
+    #    counts each expert's routed load (the dense student is seeded from the most-used experts).
     ids, mask, calib = _calibration(cfg, tok, paths, datasets)
     runner = open_runner(teacher, mode, device, dtype, memory_budget_bytes=sizes["budget_bytes"])
     try:
-        importance = _block_influence(runner, ids, mask, cfg.extract.batch_size)
+        with ExpertLoad(runner.layers) as load:
+            importance = _block_influence(runner, ids, mask, cfg.extract.batch_size)
     finally:
         runner.close()
     L = len(importance)
@@ -88,7 +92,9 @@ def run_profile(cfg: Settings, teacher: Teacher, paths: Paths, datasets: list[Da
         "mode": mode, "mode_reason": reason, "sli_supported": sli_ok, "sli_unsupported_reason": sli_why,
         "device": device, "dtype": str(dtype).replace("torch.", ""), **sizes,
         "layer_importance": [round(float(x), 8) for x in importance], "critical_layers": critical,
-        "calibration": calib,
+        "calibration": calib, "expert_load": load.by_layer() if moe else {},
+        "vision_tower": ("never loaded: the language model alone is distilled on text"
+                         if getattr(store, "language_model_only", False) else None),
     }
     write_json(out, profile)
     return StageResult(artifacts=[out], data=_summary(profile, cached=False))

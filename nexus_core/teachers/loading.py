@@ -34,7 +34,52 @@ def config_from(path, trust_remote_code: bool = False):
     file = gguf.gguf_file(Path(path))
     if file is not None:
         return gguf.load_config(file)
-    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return language_model_config(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), path)
+
+
+# Language models of vision-language teachers that transformers builds only inside the multimodal model, and
+# the text model that computes the same thing on text: Qwen3-VL's text model is Qwen3 with multimodal RoPE,
+# which on text alone (the three position components equal) is Qwen3's RoPE (tests/test_vision_language.py).
+TEXT_AS = {"qwen3_vl_text": "qwen3"}
+
+
+def _as_text_model(text):
+    from transformers import CONFIG_MAPPING
+
+    target = CONFIG_MAPPING[TEXT_AS[text.model_type]]
+    known = set(target().to_dict())
+    src = {k: v for k, v in text.to_dict().items() if k in known and k not in ("model_type", "architectures")}
+    rope = src.get("rope_parameters")
+    if isinstance(rope, dict):  # the multimodal sections mean nothing without images
+        src["rope_parameters"] = {k: v for k, v in rope.items() if not k.startswith("mrope")}
+    return target(**src)
+
+
+def language_model_config(config, path=""):
+    """A vision-language teacher's config -> its language model's (Gemma 3, LLaVA, Mistral 3): the teacher is
+    distilled on text, so only the language model is built, loaded or streamed, never the vision tower.
+    Qwen3-VL's language model runs as the text model TEXT_AS names. Any other config is returned as it is; a
+    vision-language model whose language model transformers cannot build as a causal LM on its own (Step3-VL's
+    step3p5, Qwen2.5-VL) is refused with that sentence."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    text = config.get_text_config()
+    if text is config:
+        return config
+    if type(text) not in AutoModelForCausalLM._model_mapping and text.model_type in TEXT_AS:
+        text = _as_text_model(text)
+    if type(text) not in AutoModelForCausalLM._model_mapping:
+        raise TeacherLoadError(
+            f"{path}: {type(config).__name__} is a vision-language model whose language model "
+            f"({text.model_type}) transformers cannot build as a text-only causal LM, so Nexus cannot distil it "
+            f"yet; use its language model saved on its own (a text-only checkpoint) as the teacher")
+    text = copy.deepcopy(text)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if getattr(text, key, None) is None and getattr(config, key, None) is not None:
+            setattr(text, key, getattr(config, key))
+    return text
 
 
 def load_model(teacher: Teacher, dtype):
@@ -48,6 +93,9 @@ def load_model(teacher: Teacher, dtype):
         file = gguf.gguf_file(Path(teacher.path))
         if file is not None:
             return gguf.load_model(file, dtype, load_config(teacher))
+        config = load_config(teacher)
+        if is_block_fp8(config) or _quant_method(config) == "mxfp4" or _language_model_only(teacher.path):
+            return _load_from_store(teacher, config, dtype)
         model, info = AutoModelForCausalLM.from_pretrained(
             teacher.path, dtype=dtype, use_safetensors=True, trust_remote_code=teacher.trust_remote_code,
             output_loading_info=True)
@@ -55,6 +103,55 @@ def load_model(teacher: Teacher, dtype):
         raise
     except Exception as exc:
         raise TeacherLoadError(_explain(teacher, "weights", exc)) from None
+    problems = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if problems:
+        raise TeacherLoadError(f"teacher {teacher.teacher_id!r} ({teacher.path}): config.json does not match the "
+                               f"weights ({problems}); fix config.json or re-save the model")
+    return model.eval()
+
+
+def is_block_fp8(config) -> bool:
+    """DeepSeek-V3/R1's release format: quantization_config fp8 with a weight_block_size (weight_scale_inv)."""
+    return _quant_method(config) == "fp8" and bool(_quant(config).get("weight_block_size"))
+
+
+def _quant(config) -> dict:
+    q = getattr(config, "quantization_config", None)
+    return q if isinstance(q, dict) else (q.to_dict() if q is not None else {})
+
+
+def _quant_method(config) -> str:
+    return str(_quant(config).get("quant_method", "")).lower()
+
+
+def _language_model_only(path) -> bool:
+    from nexus_core.teachers.weights import SafetensorsStore
+
+    return SafetensorsStore(Path(path)).language_model_only
+
+
+def _load_from_store(teacher: Teacher, config, dtype):
+    """The whole model from the tensors Nexus's weight store reads, loaded through transformers' own key
+    conversions: block-FP8 dequantised (DeepSeek's formula, partial edge blocks included) and gpt-oss's MXFP4
+    experts into `dtype`, and a vision-language checkpoint's language model alone (config is already the text
+    config).
+
+    transformers' CPU fallback for FP8 infers the block from the scale grid (rows // scale rows), which is
+    wrong for any weight whose side is not a multiple of 128 (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from nexus_core.teachers.weights import SafetensorsStore
+
+    store = SafetensorsStore(Path(teacher.path))
+    with store.reading() as read:
+        state = {k: read(k).to(dtype) for k in store.meta.tensors}
+    plain = copy.deepcopy(config)
+    if hasattr(plain, "quantization_config"):
+        del plain.quantization_config  # the weights are dequantised: nothing for transformers to quantise
+    cls = AutoModelForCausalLM._model_mapping[type(plain)]
+    model, info = cls.from_pretrained(None, config=plain, state_dict=state, dtype=dtype, output_loading_info=True)
     problems = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if problems:
         raise TeacherLoadError(f"teacher {teacher.teacher_id!r} ({teacher.path}): config.json does not match the "

@@ -32,7 +32,8 @@ def open_runner(teacher: Teacher, mode: str, device: str, dtype: torch.dtype | N
 def choose_mode(cfg: Settings, teacher: Teacher, config, meta, device: str, dtype: torch.dtype):
     """(mode, reason in words, sli_supported, why not, sizes) from --sli, the size and the memory budget."""
     want = teacher.sli or cfg.run.sli
-    sli_ok, sli_why = _sli_support(config)
+    sli_ok, sli_how = _sli_support(config)
+    sli_why = None if sli_ok else sli_how
     sizes = _footprint(cfg, config.get_text_config(), meta, device, dtype)
     need, budget, source = sizes["footprint_bytes"], sizes["budget_bytes"], sizes["budget_source"]
     fits = need <= budget
@@ -48,8 +49,11 @@ def choose_mode(cfg: Settings, teacher: Teacher, config, meta, device: str, dtyp
         why = fit_words
     else:
         return "full", f"--sli auto: {fit_words}", sli_ok, sli_why, sizes
-    if sli_ok:
-        return "sli", why, sli_ok, sli_why, sizes
+    if sli_ok:  # the reason names what streams and how (architecture, weight format)
+        return "sli", f"{why}; {sli_how}", sli_ok, sli_why, sizes
+    if want == "always":  # asked for by name: never a silent full load
+        raise TeacherLoadError(f"teacher {teacher.teacher_id!r}: --sli always, but SLI cannot stream it: use --sli "
+                               f"auto or never to load it whole ({fit_words}). Why: {sli_why}")
     if fits:
         return "full", f"{why}, but SLI cannot stream this model ({sli_why}); {fit_words}, so it is loaded whole", \
             sli_ok, sli_why, sizes
@@ -57,13 +61,14 @@ def choose_mode(cfg: Settings, teacher: Teacher, config, meta, device: str, dtyp
                      f"{fit_words}. Raise --memory-budget, use a machine with more memory, or pick another teacher")
 
 
-def _sli_support(config) -> tuple[bool, str | None]:
+def _sli_support(config) -> tuple[bool, str]:
+    """(whether SLI streams this model, how it does, or why it cannot)."""
     try:
         from nexus_core.teachers import sli
     except ImportError as exc:
         return False, f"SLI is unavailable ({exc})"
     ok, why = sli.sli_support(config)
-    return bool(ok), (None if ok else why)
+    return bool(ok), why
 
 
 def _footprint(cfg: Settings, tcfg, meta, device: str, dtype: torch.dtype) -> dict:

@@ -37,7 +37,7 @@ def heldout_quality(runner, tok, heldout: list[str], ex, real_vocab: int) -> dic
         width = torch.zeros(b, T, dtype=torch.long)
         width[:, :-1] = (ce[b0:b0 + b, 1:] - cs[b0:b0 + b, 1:]).clamp(min=0)  # chars the target token covers
         flat, tf, rf = h.reshape(b * T, H), tgt.view(-1), real.view(-1)
-        chunk = logit_positions(ex, real_vocab)
+        chunk = logit_positions(ex, max(real_vocab, runner.head_vocab))  # the logits row is the head's width
         for p0 in range(0, b * T, chunk):
             z = runner.logits(flat[p0:p0 + chunk].unsqueeze(0)).squeeze(0)[:, :real_vocab].float()
             lp = z.log_softmax(-1).gather(-1, tf[p0:p0 + chunk, None].to(z.device)).squeeze(-1).cpu()

@@ -12,6 +12,11 @@ resident. With a memory budget, each layer runs over the chunk in micro-batches 
 hidden states spill to a memory-mapped scratch file when they outgrow it. Mixture-of-experts
 layers read only the routed experts when a chunk is too small to route to most of them. Numbers are bit-identical to a full load on CPU
 because the very same module code runs on the very same inputs.
+
+A group holds a module's parameters and the persistent buffers the checkpoint stores (DeepSeek-V3's routing
+bias). Tensors come through the weight store (teachers/weights.py), which dequantises released formats
+(block-FP8, MXFP4, GGUF) one tensor at a time and shows a vision-language checkpoint's language model alone;
+what is per-architecture is one table (sli_arch.SUPPORTED, STREAMED_QUANT).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class _Param:
     src: Source
     meta: nn.Parameter     # the meta placeholder put back when the group is freed
     dtype: torch.dtype
+    buffer: bool = False   # a persistent buffer the checkpoint stores (DeepSeek-V3's e_score_correction_bias)
 
 
 @dataclass
@@ -69,6 +75,12 @@ class _Loaded:
     tensors: dict[str, torch.Tensor]    # full name -> tensor on the device
     event: object = None                # CUDA event recorded on the copy stream after the copies
     lazy: bool = False                  # routed experts left unread (filled on demand)
+
+
+def _persistent(module: nn.Module, local: str) -> bool:
+    owner_name, _, attr = local.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return attr not in owner._non_persistent_buffers_set
 
 
 class StreamingRunner:
@@ -133,15 +145,20 @@ class StreamingRunner:
         return cands[0]
 
     def _group(self, module: nn.Module, names: dict) -> list[_Param]:
+        """The module's parameters, and the persistent buffers the checkpoint stores, with their sources."""
         prefix = names[id(module)]
-        full = [f"{prefix}.{n}" for n, _ in module.named_parameters()]
+        params = [(local, p, False) for local, p in module.named_parameters()]
+        params += [(local, b, True) for local, b in module.named_buffers()
+                   if f"{prefix}.{local}" in self.index.ckpt_of and _persistent(module, local)]
+        full = [f"{prefix}.{local}" for local, _, _ in params]
         sources = self.index.resolve(full, self._tied)
         out = []
-        for (local, p), name in zip(module.named_parameters(), full):
+        for (local, p, buffer), name in zip(params, full):
             owner_name, _, attr = local.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
-            dtype = torch.float32 if keep_fp32(self.model, name) else self.dtype
-            out.append(_Param(owner, attr, name, sources[name], p, dtype if p.is_floating_point() else p.dtype))
+            dtype = torch.float32 if keep_fp32(self.model, name) or buffer else self.dtype
+            out.append(_Param(owner, attr, name, sources[name], p, dtype if p.is_floating_point() else p.dtype,
+                              buffer))
         return out
 
     # --- reading (runs on the prefetch thread) -------------------------------------------------
@@ -215,7 +232,10 @@ class StreamingRunner:
             for t in loaded.tensors.values():
                 t.record_stream(torch.cuda.current_stream(self.device))
         for p in self.groups[key]:
-            p.owner._parameters[p.attr] = nn.Parameter(loaded.tensors[p.name], requires_grad=False)
+            if p.buffer:
+                p.owner._buffers[p.attr] = loaded.tensors[p.name].to(p.meta.dtype)
+            else:
+                p.owner._parameters[p.attr] = nn.Parameter(loaded.tensors[p.name], requires_grad=False)
         if loaded.lazy and isinstance(key, int):
             self._hooks = [m.register_forward_pre_hook(self._expert_hook(key), with_kwargs=True)
                            for _, m in expert_modules(self.layers[key])]
@@ -223,7 +243,10 @@ class StreamingRunner:
 
     def _free(self, key) -> None:
         for p in self.groups[key]:
-            p.owner._parameters[p.attr] = p.meta
+            if p.buffer:
+                p.owner._buffers[p.attr] = p.meta
+            else:
+                p.owner._parameters[p.attr] = p.meta
         for h in getattr(self, "_hooks", []):
             h.remove()
         self._hooks = []

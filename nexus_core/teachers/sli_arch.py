@@ -24,7 +24,15 @@ from nexus_core.storage.safetensors_meta import WeightsMeta
 SUPPORTED = {
     "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3 (Llama-style)",
     "gemma": "Gemma", "gemma2": "Gemma 2 (soft-capped)", "gpt_neox": "GPT-NeoX", "mixtral": "Mixtral MoE",
+    "qwen3_moe": "Qwen3-MoE", "deepseek_v3": "DeepSeek-V3/R1 (MLA, shared + group-routed experts)",
+    "gemma3_text": "Gemma 3 text (interleaved sliding/global layers)", "phi3": "Phi-3/4 (fused qkv and gate_up)",
+    "gpt_oss": "gpt-oss (experts with biases, attention sinks)",
 }
+
+# Quantisation formats whose tensors the weight store dequantises one tensor at a time (teachers/weights.py),
+# by config.json's quantization_config.quant_method; any other is named and refused.
+STREAMED_QUANT = {"fp8": "block-scaled FP8 (weight_scale_inv), dequantised per layer",
+                  "mxfp4": "MXFP4 experts (_blocks + _scales), dequantised per layer"}
 
 # Checkpoint-name -> module-name renamings used when transformers' own mapping cannot be read.
 RENAMES = {"mixtral": [(".block_sparse_moe.", ".mlp.")], "gpt_neox": [("embed_out.", "lm_head.")]}
@@ -43,14 +51,34 @@ def sli_support(config) -> tuple[bool, str]:
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     mt = getattr(cfg, "model_type", None) or getattr(config, "model_type", "?")
     archs = ",".join(getattr(config, "architectures", None) or []) or mt
-    if getattr(config, "quantization_config", None):
-        return False, f"{archs}: quantised weights cannot be streamed layer by layer; load it in full"
+    quant = getattr(config, "quantization_config", None)
+    method = _quant_method(quant)
+    if quant and (method not in STREAMED_QUANT or (method == "fp8" and not _block_scaled(quant))):
+        return False, (f"{archs}: {method or 'quantised'} weights cannot be streamed layer by layer (SLI dequantises "
+                       f"only {', '.join(STREAMED_QUANT.values())}); convert the checkpoint to safetensors bf16 "
+                       f"(e.g. AutoModelForCausalLM.from_pretrained(..., dtype=torch.bfloat16).save_pretrained(...)) "
+                       f"or use --sli never on a machine whose memory holds it whole")
     if mt not in SUPPORTED:
         return False, (f"{archs} (model_type {mt!r}) is not an architecture SLI streams "
                        f"(supported: {', '.join(sorted(SUPPORTED))}); it needs a full load")
-    if getattr(config, "auto_map", None):
+    if getattr(config, "auto_map", None) and not type(config).__module__.startswith("transformers.models."):
+        # custom code in use; an auto_map beside a model_type transformers ships (DeepSeek-V3's release) is
+        # ignored without trust_remote_code, and then the native modules run, streamed or not
         return False, f"{archs}: custom modelling code (auto_map) is not streamed; load it in full"
-    return True, f"{SUPPORTED[mt]}: decoder layers stream one at a time from the safetensors files"
+    how = f"; {STREAMED_QUANT[method]}" if quant else ""
+    return True, f"{SUPPORTED[mt]}: decoder layers stream one at a time from the safetensors files{how}"
+
+
+def _quant_method(quant) -> str | None:
+    if quant is None:
+        return None
+    q = quant if isinstance(quant, dict) else quant.to_dict()
+    return str(q.get("quant_method") or "").lower() or None
+
+
+def _block_scaled(quant) -> bool:
+    q = quant if isinstance(quant, dict) else quant.to_dict()
+    return bool(q.get("weight_block_size"))
 
 
 @dataclass

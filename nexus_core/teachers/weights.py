@@ -5,19 +5,24 @@ A `WeightStore` lists the checkpoint's tensors under their checkpoint names with
 (`meta`, read from file headers alone) and reads them on demand inside `reading()`, which keeps the
 files it opened mapped until the block ends (SLI reads one layer group per block, so pages of
 earlier layers are unmapped as it goes). Weight formats plug in here: safetensors folders
-(`SafetensorsStore`) and GGUF files (`teachers.gguf.GGUFStore`, dequantised); other formats add their own
-store and register in `open_weights`.
+(`SafetensorsStore`, including DeepSeek-V3's released block-scaled FP8 and gpt-oss's MXFP4 experts,
+dequantised tensor by tensor) and
+GGUF files (`teachers.gguf.GGUFStore`, dequantised); other formats add their own store and register in
+`open_weights`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import torch
 
-from nexus_core.storage.safetensors_meta import WeightsMeta, scan
+from nexus_core.errors import CorruptArtifactError
+from nexus_core.storage.safetensors_meta import TensorInfo, WeightsMeta, scan
 
 Reader = Callable[[str], torch.Tensor]  # checkpoint name -> tensor (as stored, on the CPU)
 
@@ -31,12 +36,25 @@ class WeightStore(Protocol):
 
 
 class SafetensorsStore:
-    """A Hugging Face folder's *.safetensors files (sharded or not), memory-mapped."""
+    """A Hugging Face folder's *.safetensors files (sharded or not), memory-mapped.
+
+    Block-scaled FP8 (DeepSeek-V3/R1's release: `X.weight` in float8_e4m3fn beside `X.weight_scale_inv`,
+    one float32 scale per block of config.json's quantization_config.weight_block_size, 128x128) is
+    dequantised as each tensor is read, into float32 (DeepSeek's own `weight_dequant`: weight * scale,
+    block-wise); the scale tensors are hidden from `meta` (their bytes counted with their weight's)."""
 
     def __init__(self, model_dir: Path):
         self.path = Path(model_dir)
         self.meta = scan(self.path)
         self.bytes_read = 0
+        files = {n: t.file for n, t in self.meta.tensors.items()}  # every stored name -> its file
+        self.scales = _split_scales(self.meta)  # FP8 weight name -> its scale tensor's name
+        self.block = _block_size(self.path) if self.scales else None
+        self.mxfp4 = _split_mxfp4(self.meta)  # MXFP4 tensor name -> (its _blocks, its _scales)
+        self.files = files
+        # A vision-language checkpoint: only its language model, under a text model's names (name -> stored name)
+        self.stored_name, self.meta = language_model_view(self.meta)
+        self.language_model_only = bool(self.stored_name)
 
     @contextmanager
     def reading(self) -> Iterator[Reader]:
@@ -45,14 +63,108 @@ class SafetensorsStore:
         with ExitStack() as stack:
             handles: dict[str, object] = {}
 
-            def read(name: str) -> torch.Tensor:
-                file = self.meta.tensors[name].file
+            def raw(name: str) -> torch.Tensor:
+                file = self.files[name]
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(str(self.path / file), framework="pt", device="cpu"))
                 t = handles[file].get_tensor(name)  # a view of the mapping: its pages fault in when touched
                 self.bytes_read += t.numel() * t.element_size()
                 return t
+
+            def read(name: str) -> torch.Tensor:
+                name = self.stored_name.get(name, name)
+                if name in self.mxfp4:
+                    blocks, scales = self.mxfp4[name]
+                    return dequantise_mxfp4(raw(blocks), raw(scales))
+                if name in self.scales:
+                    return dequantise_block_fp8(raw(name), raw(self.scales[name]), self.block, name)
+                return raw(name)
             yield read
+
+
+# Where vision-language checkpoints keep their language model (transformers' save layout and the original
+# releases: Gemma 3, LLaVA, Mistral 3), and the text model's name for it.
+_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                ("language_model.lm_head.", "lm_head."), ("language_model.", ""))
+
+
+def language_model_view(meta: WeightsMeta) -> tuple[dict[str, str], WeightsMeta]:
+    """({text-model name: stored name}, meta of the language model's tensors alone) for a vision-language
+    checkpoint: the vision tower and projector are left out, so nothing ever reads them. ({}, meta) otherwise."""
+    if not any(n.startswith(p) for n in meta.tensors for p, _ in _LM_PREFIXES):
+        return {}, meta
+    names = {}
+    for stored in meta.tensors:
+        new = next((to + stored[len(p):] for p, to in _LM_PREFIXES if stored.startswith(p)), None)
+        if new is None and stored.startswith("lm_head."):
+            new = stored
+        if new is not None:
+            names[new] = stored
+    tensors = {new: meta.tensors[stored] for new, stored in names.items()}
+    files = sorted({t.file for t in tensors.values()})
+    return names, WeightsMeta(files=files, tensors=tensors)
+
+
+def _split_scales(meta: WeightsMeta) -> dict[str, str]:
+    """Take `*.weight_scale_inv` out of meta.tensors (their bytes go on their weight): weight -> scale name."""
+    scales = {}
+    for name in [n for n in meta.tensors if n.endswith("_scale_inv")]:
+        weight = name[: -len("_scale_inv")]
+        info = meta.tensors.pop(name)
+        if weight in meta.tensors:
+            w = meta.tensors[weight]
+            meta.tensors[weight] = TensorInfo(w.dtype, w.shape, w.file, w.nbytes + info.nbytes)
+            scales[weight] = name
+    return scales
+
+
+def _block_size(model_dir: Path) -> tuple[int, int]:
+    """quantization_config.weight_block_size from config.json (DeepSeek-V3: [128, 128])."""
+    try:
+        q = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        q = {}
+    rows, cols = q.get("weight_block_size") or (128, 128)
+    return int(rows), int(cols)
+
+
+def _split_mxfp4(meta: WeightsMeta) -> dict[str, tuple[str, str]]:
+    """gpt-oss's MXFP4 experts: `X_blocks` (..., rows, G, 16) uint8 + `X_scales` (..., rows, G) uint8 become
+    one tensor `X` of shape (..., G*32, rows) in meta (the layout transformers' gpt-oss modules hold)."""
+    out = {}
+    for name in [n for n in meta.tensors if n.endswith("_blocks")]:
+        base = name[: -len("_blocks")]
+        if base + "_scales" not in meta.tensors:
+            continue
+        b, s = meta.tensors.pop(name), meta.tensors.pop(base + "_scales")
+        *lead, rows, G, B = b.shape
+        meta.tensors[base] = TensorInfo("MXFP4", (*lead, G * B * 2, rows), b.file, b.nbytes + s.nbytes)
+        out[base] = (name, base + "_scales")
+    return out
+
+
+# FP4 (e2m1) values by nibble, as the OCP MX spec and gpt-oss's release define them
+_FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def dequantise_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(..., rows, G, 16) packed FP4 (low nibble first) and (..., rows, G) E8M0 exponents (bias 127)
+    -> (..., G*32, rows) float32: each group of 32 values times 2**(scale - 127), then transposed."""
+    lo, hi = _FP4[(blocks & 0x0F).long()], _FP4[(blocks >> 4).long()]      # (..., rows, G, 16) each
+    vals = torch.stack([lo, hi], dim=-1).flatten(-2)                        # (..., rows, G, 32)
+    vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1))  # exact: a power of two
+    return vals.flatten(-2).transpose(-1, -2).contiguous()                  # (..., G*32, rows)
+
+
+def dequantise_block_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], name: str = "") -> torch.Tensor:
+    """(M, N) FP8 weight and its (ceil(M/b0), ceil(N/b1)) scales -> (M, N) float32 = weight * scale per block."""
+    M, N = w.shape
+    b0, b1 = block
+    if tuple(scale.shape) != (math.ceil(M / b0), math.ceil(N / b1)):
+        raise CorruptArtifactError(f"{name}: weight {list(w.shape)} with scales {list(scale.shape)} does not fit "
+                                   f"{b0}x{b1} blocks (config.json quantization_config.weight_block_size)")
+    s = scale.float().repeat_interleave(b0, 0)[:M].repeat_interleave(b1, 1)[:, :N]  # (M, N)
+    return w.float() * s
 
 
 def open_weights(path, config=None) -> WeightStore:

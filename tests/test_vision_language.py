@@ -1,0 +1,155 @@
+"""Vision-language teachers: their language model distils on text; the vision tower is never loaded or streamed.
+
+A tiny Gemma 3 multimodal model (SigLIP tower + projector + Gemma 3 text model) is saved as transformers
+saves it; streamed and full loads of the folder must give exactly the logits the whole multimodal model
+gives for text, while reading none of the vision tensors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from safetensors import safe_open
+
+from nexus_core.demo import model_factory as mf
+from nexus_core.kd.student import build_student
+from nexus_core.records.plan import DistillPlan
+from nexus_core.storage.profiles import read_profile
+from nexus_core.teachers.loading import TeacherLoadError, config_from
+from nexus_core.teachers.runner import FullRunner
+from nexus_core.teachers.sli import StreamingRunner
+from tests.helpers import DOCS, setup_home
+
+VISION = ("vision_tower.", "multi_modal_projector.")
+
+
+@pytest.fixture(scope="module")
+def gemma3_vl(tmp_path_factory):
+    tok = mf.train_tokenizer(DOCS, vocab_size=300)
+    V = len(tok)
+    cfg = tf.Gemma3Config(
+        text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                         max_position_embeddings=64,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=1, image_token_index=V - 1, boi_token_index=V - 2, eoi_token_index=V - 3)
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    d = mf.save_model(model, tok, tmp_path_factory.mktemp("vl") / "gemma3-vl")
+    return d, model
+
+
+def _vision_bytes(d) -> int:
+    return _tensor_bytes(d, VISION)
+
+
+def _tensor_bytes(d, prefixes=("",)) -> int:
+    total = 0
+    with safe_open(str(d / "model.safetensors"), "pt") as fh:
+        for k in fh.keys():
+            if k.startswith(prefixes):
+                t = fh.get_slice(k)
+                total += torch.Size(t.get_shape()).numel() * 4
+    return total
+
+
+@pytest.mark.parametrize("runner", [StreamingRunner, FullRunner])
+def test_language_model_alone_gives_the_multimodal_models_text_logits(gemma3_vl, runner):
+    d, model = gemma3_vl
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 290, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, 9:] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    r = runner(d)
+    assert r.config.model_type == "gemma3_text"
+    logits = r.logits(r.forward(ids, mask).final_hidden)
+    assert torch.equal(logits, ref)  # bit for bit on CPU fp32
+    if runner is StreamingRunner:  # every tensor read is the language model's
+        assert not any(k.startswith(VISION) for k in r.store.stored_name.values())
+        text_bytes = _tensor_bytes(d) - _vision_bytes(d)
+        embed = 4 * r.head_vocab * r.config.hidden_size  # the tied head reads the embedding a second time
+        assert _vision_bytes(d) > 0 and r.stats["bytes_read"] == text_bytes + embed
+    else:
+        assert not any(n.startswith(("model.vision", "vision")) for n, _ in r.model.named_parameters())
+    r.close()
+
+
+def test_profile_says_so_and_the_student_is_the_language_model(tmp_path, gemma3_vl):
+    d, _ = gemma3_vl
+    cfg, teacher, ref, paths = setup_home(tmp_path / "home", d)
+    profile = read_profile(paths, "tiny")
+    assert profile["model_type"] == "gemma3_text" and "never loaded" in profile["vision_tower"]
+    assert not any(k.startswith(VISION) for k in json.dumps(profile["dtypes"]))
+    plan = DistillPlan(teachers=(teacher,), primary="tiny", datasets=(ref.key,))
+    student, info = build_student(cfg, plan, paths, "cpu", profile)
+    assert type(student).__name__ == "Gemma3ForCausalLM" and info["source"] == "pruned"
+
+
+def test_a_language_model_transformers_cannot_build_alone_is_refused_by_name(tmp_path):
+    tf.Step3p7Config().save_pretrained(tmp_path)  # Step3-VL: its step3p5 language model has no causal LM class
+    with pytest.raises(TeacherLoadError, match="vision-language model .*step3p5.*text-only"):
+        config_from(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl(tmp_path_factory):
+    tok = mf.train_tokenizer(DOCS, vocab_size=300)
+    V = len(tok)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    cfg = tf.Qwen3VLConfig(
+        text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         rope_parameters=rope),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=14, deepstack_visual_indexes=[0]),
+        image_token_id=V - 1, video_token_id=V - 2, vision_start_token_id=V - 3, vision_end_token_id=V - 4,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = tf.Qwen3VLForConditionalGeneration(cfg).eval()
+    return mf.save_model(model, tok, tmp_path_factory.mktemp("qvl") / "qwen3-vl"), model
+
+
+@pytest.mark.parametrize("runner", [StreamingRunner, FullRunner])
+def test_qwen3_vl_language_model_runs_as_qwen3(qwen3_vl, runner):
+    """Qwen3-VL's text model has no causal LM class; on text (three equal position components) its
+    multimodal RoPE is Qwen3's, so it runs as Qwen3: the multimodal model's text logits, bit for bit."""
+    d, model = qwen3_vl
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 290, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    r = runner(d)
+    assert r.config.model_type == "qwen3"
+    assert torch.equal(r.logits(r.forward(ids, mask).final_hidden), ref)
+    r.close()
+
+
+@pytest.mark.slow
+def test_nexus_run_with_a_vision_language_primary_teacher(tmp_path, redis_conn, redis_url):
+    from tests.helpers import ARITH, CODE, ENV, completed_once, make_workdir, nexus
+
+    tok = mf.train_tokenizer(ARITH + CODE, vocab_size=384)
+    V = len(tok)
+    cfg = tf.Gemma3Config(
+        text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                         max_position_embeddings=64),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=1, image_token_index=V - 1, boi_token_index=V - 2, eoi_token_index=V - 3)
+    d = mf.save_model(tf.Gemma3ForConditionalGeneration(cfg), tok, tmp_path / "teachers" / "gemma3-vl")
+    paths = make_workdir(tmp_path, d)
+    result = nexus(paths, "run", redis_url=redis_url, env_extra={**ENV, "NEXUS_RUN_SLI": "always"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    completed_once(paths)
+    assert json.loads((paths.release / "config.json").read_text())["model_type"] == "gemma3_text"
