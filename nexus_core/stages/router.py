@@ -44,6 +44,14 @@ def _prompts(tokenizer, texts: list[str], n: int, rng: random.Random) -> list[li
     return out
 
 
+def prompt_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """A prompt's ids as the router was trained on them (data.pack's rows): the tokenizer's special
+    prefix (<bos> where it adds one), then the text, cut to max_tokens; never empty."""
+    prefix = data.special_prefix(tokenizer)
+    ids = prefix + tokenizer(text, add_special_tokens=False)["input_ids"][: max(max_tokens - len(prefix), 0)]
+    return ids or [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
+
+
 @torch.no_grad()
 def features(model, prompts: list[list[int]], pad_id: int, device: str, batch_size: int = 32) -> torch.Tensor:
     """Mean-pooled hidden states of every layer, concatenated: -> (n, (L+1) * H) float32."""
@@ -155,8 +163,7 @@ def route(paths: Paths, text: str) -> dict:
         _cache.update(key=key, model=model, tok=tok, pad=pad, spec=json.loads(spec_path.read_text()),
                       w=load_file(str(w_path)))
     spec, w, tok = _cache["spec"], _cache["w"], _cache["tok"]
-    ids = tok(text, add_special_tokens=False)["input_ids"][: spec["feature"]["max_tokens"]]
-    ids = ids or [tok.eos_token_id if tok.eos_token_id is not None else 0]
+    ids = prompt_ids(tok, text, spec["feature"]["max_tokens"])
     x = (features(_cache["model"], [ids], _cache["pad"], "cpu") - w["feature_mean"]) / w["feature_std"]
     probs = torch.softmax(x @ w["weight"].T + w["bias"], dim=-1)[0]
     label = spec["labels"][int(probs.argmax())]
