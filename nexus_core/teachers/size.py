@@ -32,7 +32,7 @@ def _param_count(path: str, weight_files: tuple, hint: str | None) -> tuple[int 
 
             return sum(math.prod(t.shape) for t in read_header(file).tensors.values()), "GGUF header"
         return scan(Path(path)).params, "safetensors headers"
-    except (NexusError, OSError, ValueError, KeyError):
+    except (NexusError, OSError, ValueError, KeyError, TypeError):
         pass  # unreadable weights fail the profile stage with a proper message; here the hint is enough
     if hint:
         try:
