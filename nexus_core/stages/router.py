@@ -4,9 +4,9 @@ Design: the released student is a frozen feature extractor; a prompt's feature i
 mean over its tokens of every layer's hidden state (embeddings included), standardised,
 and a linear softmax head is trained on prompts cut from each dataset's train split.
 Held-out accuracy is measured on prompts from the held-out split, which neither
-extraction nor distillation saw. The teacher per label is the one with the lowest
-held-out loss per character on that dataset, the scale on which teachers with different tokenizers
-compare and from which distill weighs them (kd/domain_quality.py); router.json says why per label.
+extraction nor distillation saw. The teacher per label is the one distill weighed highest on
+that dataset: with equal registry weights, the lowest held-out loss per character, the scale on
+which teachers with different tokenizers compare (kd/domain_quality.py); router.json says why.
 """
 
 from __future__ import annotations
