@@ -144,3 +144,18 @@ def test_extraction_feeds_a_bos_teacher_its_bos_and_says_so(tmp_path):
     cs = torch.cat([load_file(out / r["file"])["char_start"] for r in man["shards"]])
     assert (cs[:, 0] == data.NO_TEXT_SPAN).all()
     assert man["heldout_quality"]["loss_per_char"] > 0
+
+
+def test_a_teacher_is_scored_on_the_primarys_rows_only_if_they_start_as_its_own(toks, tmp_path):
+    from nexus_core.kd.evaluate import _same_tokenizer
+    from nexus_core.records.plan import DistillPlan
+    from nexus_core.records.registry import Teacher
+
+    made = {}
+    for name, tok in (("smol", toks["smol"]), ("smol2", toks["smol"]), ("gemma", toks["gemma"])):
+        tok.save_pretrained(tmp_path / name)
+        made[name] = Teacher(teacher_id=name, path=str(tmp_path / name), status="ready", source="test")
+    plan = DistillPlan(teachers=tuple(made.values()), primary="smol", datasets=("a/b",))
+    same_fp = {t: {"tokenizer_fp": "same vocabulary"} for t in made}
+    assert _same_tokenizer(same_fp, plan, made["smol2"], toks["smol"])
+    assert not _same_tokenizer(same_fp, plan, made["gemma"], toks["smol"])  # same ids, but it expects <bos>
