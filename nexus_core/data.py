@@ -13,6 +13,14 @@ EOS token that pack appends after each document covers exactly the separator cha
 so EOS tokens of different tokenizers align too. Padding has span (-1, -1). Zero-width tokens
 (a Metaspace "\u2581" prepended at a document start, which maps onto the first letter) get
 char_end == char_start.
+
+Special prefix: every packed row starts the way the tokenizer's own post-processor starts an
+encoded text (special_prefix: [<bos>] for Gemma or Llama 3, nothing for SmolLM2 or GPT-2), because
+that is what the model saw in training; a model that expects <bos> at position 0 scores far worse
+without it. The prefix is added once per row, never inside the text stream, so there is no double
+BOS. Prefix tokens stand for no text: they are real positions (mask 1) with span (-1, -1). The
+post-processor's suffix (an EOS some tokenizers append) is not used: documents are already joined
+by one EOS each, and that EOS covers the separator character of the text coordinate.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from nexus_core.paths import DATASET_PART_RE, Paths
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 PAD_SPAN = -1  # char_start/char_end of padding
+NO_TEXT_SPAN = -1  # char_start/char_end of a special prefix token (a real position that covers no text)
+_PROBE = "Hello world"  # any ordinary text: the post-processor's additions around it are its special prefix
 METASPACE = "\u2581"
 _PAIRS = (("prompt", "response"), ("question", "answer"), ("instruction", "output"))
 
@@ -157,18 +167,67 @@ def split(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
     return train, heldout
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer's own post-processor puts before a text: [bos] for Gemma/Llama 3, [] for
+    SmolLM2/GPT-2 (found by encoding a probe text with and without special tokens)."""
+    bare = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k]
+    return []  # the post-processor rewrites the text's own ids: no prefix we could add by hand
+
+
+def _pad_id(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+
+
+def _body_len(seq_len: int, prefix: list[int]) -> int:
+    """Stream tokens per row: seq_len less the special prefix every row starts with."""
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise DatasetError(f"seq_len {seq_len} leaves no room after the tokenizer's {len(prefix)} special "
+                           f"prefix token(s); raise --extract-seq-len")
+    return body
+
+
+def _rows(stream: list[int], head: list[int], seq_len: int, fill: int, dtype):
+    """The stream cut into rows of seq_len - len(head) tokens, each row led by `head`: (n, T) of dtype."""
+    import torch
+
+    body = _body_len(seq_len, head)
+    n = (len(stream) + body - 1) // body
+    if n == 0:
+        raise DatasetError("dataset produced no tokens after tokenisation")
+    rows = torch.full((n, seq_len), fill, dtype=dtype)
+    flat = torch.full((n * body,), fill, dtype=dtype)
+    flat[: len(stream)] = torch.tensor(stream, dtype=dtype)
+    rows[:, len(head):] = flat.view(n, body)
+    if head:
+        rows[:, : len(head)] = torch.tensor(head, dtype=dtype)
+    return rows
+
+
+def _mask(n_stream: int, n_head: int, seq_len: int):
+    """attention_mask uint8 (n, T) of _rows: the head and every stream token are real, the tail padding."""
+    import torch
+
+    return _rows([1] * n_stream, [1] * n_head, seq_len, 0, torch.uint8)
+
+
 def pack(tokenizer, texts: list[str], seq_len: int, max_sequences: int = 0):
-    """Tokenise documents, join them with EOS and cut the stream into seq_len rows.
+    """Tokenise documents, join them with EOS and cut the stream into seq_len rows, each led by the
+    tokenizer's special prefix (module docstring).
 
     Returns (input_ids int32 [n, T], attention_mask uint8 [n, T]); the last row is padded
     (mask 0) with the pad id (or EOS when the tokenizer has no pad token).
     """
     import torch
 
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    eos, prefix = tokenizer.eos_token_id, special_prefix(tokenizer)
     stream: list[int] = []
-    limit = max_sequences * seq_len if max_sequences > 0 else None
+    limit = max_sequences * _body_len(seq_len, prefix) if max_sequences > 0 else None
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         stream.extend(ids)
@@ -178,15 +237,8 @@ def pack(tokenizer, texts: list[str], seq_len: int, max_sequences: int = 0):
             break
     if limit is not None:
         stream = stream[:limit]
-    n = (len(stream) + seq_len - 1) // seq_len
-    if n == 0:
-        raise DatasetError("dataset produced no tokens after tokenisation")
-    ids = torch.full((n, seq_len), pad, dtype=torch.int32)
-    mask = torch.zeros((n, seq_len), dtype=torch.uint8)
-    flat = torch.tensor(stream, dtype=torch.int32)
-    ids.view(-1)[: len(stream)] = flat
-    mask.view(-1)[: len(stream)] = 1
-    return ids, mask
+    ids = _rows(stream, prefix, seq_len, _pad_id(tokenizer), torch.int32)
+    return ids, _mask(len(stream), len(prefix), seq_len)
 
 
 def text_fingerprint(texts: list[str]) -> str:
@@ -215,19 +267,18 @@ def pack_with_offsets(tokenizer, texts: list[str], seq_len: int, max_sequences: 
     """data.pack plus each token's character span in the text coordinate.
 
     Returns (input_ids int32 [n, T], attention_mask uint8 [n, T], char_start int64 [n, T],
-    char_end int64 [n, T]); ids and mask are exactly data.pack's. Needs a fast tokenizer
-    (offset mapping); a slow one raises NotImplementedError.
+    char_end int64 [n, T]); ids and mask are exactly data.pack's, the special prefix's spans are
+    NO_TEXT_SPAN. Needs a fast tokenizer (offset mapping); a slow one raises NotImplementedError.
     """
     import torch
 
     if not getattr(tokenizer, "is_fast", False):
         raise NotImplementedError("character offsets need a fast (Rust) tokenizer")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    eos, prefix = tokenizer.eos_token_id, special_prefix(tokenizer)
     ids_s: list[int] = []
     cs_s: list[int] = []
     ce_s: list[int] = []
-    limit = max_sequences * seq_len if max_sequences > 0 else None
+    limit = max_sequences * _body_len(seq_len, prefix) if max_sequences > 0 else None
     base = 0
     for text in texts:
         ids, starts, ends = _doc_offsets(tokenizer, text, base)
@@ -244,16 +295,8 @@ def pack_with_offsets(tokenizer, texts: list[str], seq_len: int, max_sequences: 
             break
     if limit is not None:
         ids_s, cs_s, ce_s = ids_s[:limit], cs_s[:limit], ce_s[:limit]
-    n = (len(ids_s) + seq_len - 1) // seq_len
-    if n == 0:
-        raise DatasetError("dataset produced no tokens after tokenisation")
-    ids = torch.full((n, seq_len), pad, dtype=torch.int32)
-    mask = torch.zeros((n, seq_len), dtype=torch.uint8)
-    cs = torch.full((n, seq_len), PAD_SPAN, dtype=torch.int64)
-    ce = torch.full((n, seq_len), PAD_SPAN, dtype=torch.int64)
-    L = len(ids_s)
-    ids.view(-1)[:L] = torch.tensor(ids_s, dtype=torch.int32)
-    mask.view(-1)[:L] = 1
-    cs.view(-1)[:L] = torch.tensor(cs_s, dtype=torch.int64)
-    ce.view(-1)[:L] = torch.tensor(ce_s, dtype=torch.int64)
-    return ids, mask, cs, ce
+    no_text = [NO_TEXT_SPAN] * len(prefix)
+    ids = _rows(ids_s, prefix, seq_len, _pad_id(tokenizer), torch.int32)
+    cs = _rows(cs_s, no_text, seq_len, PAD_SPAN, torch.int64)
+    ce = _rows(ce_s, no_text, seq_len, PAD_SPAN, torch.int64)
+    return ids, _mask(len(ids_s), len(prefix), seq_len), cs, ce

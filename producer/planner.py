@@ -14,9 +14,10 @@ from nexus_core.broker.keys import Stage, StageStatus
 from nexus_core.config import Settings
 from nexus_core.data import DatasetRef
 from nexus_core.records.job import JobPayload
-from nexus_core.records.plan import DistillPlan, choose_primary
+from nexus_core.records.plan import DistillPlan, primary_choice
 from nexus_core.records.registry import Teacher
 from nexus_core.records.state import State
+from nexus_core.teachers.size import param_count
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,17 @@ def plan_jobs(state: State, cfg: Settings, datasets: list[str], home: str,
     all_datasets = sorted({d for _, d in pairs})
     excluded = tuple(sorted((t.teacher_id, d) for t in plan_teachers
                             for d in (sorted(t.datasets) if t.datasets else all_datasets) if (t.teacher_id, d) not in pairs))
-    plan = DistillPlan(teachers=tuple(plan_teachers), primary=choose_primary(plan_teachers),
-                       datasets=tuple(all_datasets), excluded=excluded)
+    covered = {t.teacher_id: {d for tid, d in pairs if tid == t.teacher_id} for t in plan_teachers}
+    choice = primary_choice(plan_teachers, {t.teacher_id: param_count(t)[0] for t in plan_teachers}, covered)
+    plan = DistillPlan(teachers=tuple(plan_teachers), primary=choice.teacher_id, datasets=tuple(all_datasets),
+                       excluded=excluded, primary_reason=choice.reason)
     extract_ids = tuple(sorted(eid for _, _, eids in healthy for eid in eids))
     did = job_id("distill", {"plan": plan.fingerprint(), "extracts": extract_ids,
                              "settings": cfg.fingerprint("distill", "student")})
     names = ", ".join(t.teacher_id for t in plan.teachers)
-    specs.append(JobSpec(did, Stage.DISTILL.value, f"distill {names} into the student on {len(plan.datasets)} dataset(s)",
+    words = (f"distill {names} into the student on {len(plan.datasets)} dataset(s); "
+             f"student seeded from {plan.primary}: {plan.primary_reason}")
+    specs.append(JobSpec(did, Stage.DISTILL.value, words,
                          None, None, plan.fingerprint(), extract_ids,
                          JobPayload(Stage.DISTILL, home, cfg, plan=plan)))
     rid = job_id("router", {"distill": did, "settings": cfg.fingerprint("router")})

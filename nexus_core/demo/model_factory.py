@@ -14,9 +14,12 @@ ARCHS = ("llama", "mistral", "qwen2", "gemma", "gpt_neox", "mixtral")
 FAMILIES = ("qwen3_moe", "deepseek_v3", "gemma3_text", "phi3", "gpt_oss")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 512, algorithm: str = "bpe"):
-    """A byte-level BPE (or unigram) tokenizer trained on `texts`, as a PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: list[str], vocab_size: int = 512, algorithm: str = "bpe", add_bos: bool = False):
+    """A byte-level BPE (or unigram) tokenizer trained on `texts`, as a PreTrainedTokenizerFast.
+
+    add_bos: its post-processor puts <s> before every text, as Gemma's and Llama 3's do (SmolLM2's and
+    GPT-2's add nothing, the default)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     if algorithm == "bpe":
@@ -35,6 +38,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512, algorithm: str = "b
     else:
         raise ValueError(f"unknown tokenizer algorithm {algorithm!r}")
     tok.train_from_iterator(texts, trainer=trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>")
 

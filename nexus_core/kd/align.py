@@ -23,27 +23,41 @@ SPAN_WIDTH_CAP = 4096  # token widths at or above this share one key in exact-sp
 
 def next_token_starts(cs: torch.Tensor, ce: torch.Tensor, mask: torch.Tensor, cross_rows: bool,
                       exact_span: bool = False) -> torch.Tensor:
-    """For every position p the character where the token it predicts (p+1) starts, or -1.
+    """For every position p the character where the next text token it predicts starts, or -1.
 
-    cs/ce/mask (n, T) -> (n, T) int64. -1 where p or p+1 is padding, where the next token is
-    zero-width, or where it is a continuation (starts inside the current token's span: the 2nd
-    byte-token of a split character) - its start is not a boundary both tokenizations share.
-    Rows are one contiguous stream, so the last position of a row predicts the next row's
-    first token when cross_rows (False when extraction skipped rows: the stream has gaps).
+    cs/ce/mask (n, T) -> (n, T) int64. A special prefix token (a real position with span -1, e.g. the
+    <bos> that leads each row) stands for no text: it is never a next token, so the token p predicts is
+    the next position that covers text (the prefix position itself predicts its row's first text
+    token). -1 where p is padding or no such token follows, where the next token is zero-width, or
+    where it is a continuation (starts inside the current token's span: the 2nd byte-token of a split
+    character) - its start is not a boundary both tokenizations share.
+    Rows are one contiguous stream, so the last position of a row predicts the next row's first text
+    token when cross_rows (False when extraction skipped rows: the stream has gaps).
     exact_span: the key also encodes the next token's width (start * SPAN_WIDTH_CAP + width), so
     positions align only where both tokenizers predict a token with exactly the same text.
     """
     n, T = cs.shape
     fs, fe, fm = cs.reshape(-1), ce.reshape(-1), mask.reshape(-1).bool()
-    nxt_s = torch.full_like(fs, -1)
-    nxt_s[:-1] = fs[1:]
-    if exact_span:
-        nxt_s[:-1] = fs[1:] * SPAN_WIDTH_CAP + (fe[1:] - fs[1:]).clamp(max=SPAN_WIDTH_CAP - 1)
-    ok = torch.zeros_like(fm)
-    ok[:-1] = fm[:-1] & fm[1:] & (fe[1:] > fs[1:]) & (fs[1:] >= fe[:-1])
+    N = fs.numel()
+    nxt = _next_text_position(fs, fm)  # (N,) flat index of the next position that covers text, N if none
+    has = nxt < N
+    j = nxt.clamp(max=N - 1)
+    key = fs[j] * SPAN_WIDTH_CAP + (fe[j] - fs[j]).clamp(max=SPAN_WIDTH_CAP - 1) if exact_span else fs[j]
+    ok = fm & has & fm[j] & (fe[j] > fs[j]) & (fs[j] >= fe)
     if not cross_rows:
-        ok.view(n, T)[:, -1] = False
-    return torch.where(ok, nxt_s, torch.full_like(nxt_s, -1)).view(n, T)
+        ok &= torch.div(j, T, rounding_mode="floor") == torch.div(torch.arange(N), T, rounding_mode="floor")
+    return torch.where(ok, key, torch.full_like(key, -1)).view(n, T)
+
+
+def _next_text_position(fs: torch.Tensor, fm: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N,): for each flat position the first later one that is not a special prefix token
+    (padding counts: it ends the stream), or N."""
+    N = fs.numel()
+    idx = torch.arange(N)
+    candidate = torch.where(fm & (fs < 0), torch.full_like(idx, N), idx)  # prefix tokens are skipped
+    after = torch.full_like(idx, N)
+    after[:-1] = candidate[1:]
+    return after.flip(0).cummin(0).values.flip(0)  # suffix minimum: the nearest candidate after p
 
 
 def align_positions(student_next: torch.Tensor, teacher_next: torch.Tensor) -> torch.Tensor:

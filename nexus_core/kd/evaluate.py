@@ -59,13 +59,20 @@ def model_logits(model):
 
 
 def _same_tokenizer(profiles: dict, plan: DistillPlan, teacher, primary_tok) -> bool:
+    """The teacher reads the primary's held-out rows as its own: same vocabulary and the same special
+    prefix (a teacher that expects <bos> must not be scored on rows without it, data.py)."""
+    if teacher.teacher_id == plan.primary:
+        return True
     fp_t = (profiles.get(teacher.teacher_id) or {}).get("tokenizer_fp")
     fp_p = (profiles.get(plan.primary) or {}).get("tokenizer_fp")
-    if fp_t and fp_p:
-        return fp_t == fp_p
+    if fp_t and fp_p and fp_t != fp_p:
+        return False
     from nexus_core.teachers.loading import tokenizer_from
 
-    return tokenizer_from(teacher.path, teacher.trust_remote_code).get_vocab() == primary_tok.get_vocab()
+    tok = tokenizer_from(teacher.path, teacher.trust_remote_code)
+    if not (fp_t and fp_p) and tok.get_vocab() != primary_tok.get_vocab():
+        return False
+    return data.special_prefix(tok) == data.special_prefix(primary_tok)
 
 
 def _teacher_logits_fn(profile: dict, teacher, device: str):

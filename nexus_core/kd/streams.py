@@ -24,6 +24,7 @@ from nexus_core.config import Settings
 from nexus_core.data import DatasetRef
 from nexus_core.errors import CorruptArtifactError, PlanMismatchError
 from nexus_core.kd import align, augment
+from nexus_core.kd.domain_quality import loss_per_char
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
 from nexus_core.records.registry import Teacher
@@ -197,8 +198,7 @@ def open_streams(cfg: Settings, plan: DistillPlan, paths: Paths, profiles: dict[
 
 
 def _heldout_loss(src: Source) -> float | None:
-    q = src.manifest.get("heldout_quality") or {}
-    return q.get("loss_per_char")
+    return loss_per_char(src.manifest)  # the router ranks teachers by the same numbers (domain_quality.py)
 
 
 def _weigh(cfg: Settings, srcs: list[Source], registry: dict[str, float], usage: dict, dataset: str) -> None:

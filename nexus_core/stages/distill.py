@@ -74,7 +74,9 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
     step_fn = KDStep(run, vocab, to_student, device)
     first_step = run.step
     ctx.started(resume_step=run.step if run.resumed else 0, start_step=run.step, end_step=run.end,
-                warm_start=not run.resumed and run.step > 0, student=info["source"])
+                warm_start=not run.resumed and run.step > 0, student=info["source"], primary=plan.primary,
+                primary_reason=plan.primary_reason)
+    log.info("distill.student_seed", primary=plan.primary, reason=plan.primary_reason or "given by the plan")
     ctx.note("TeacherSignalsAligned", teacher_usage=usage, left_out=shard_info["left_out"], xtok_loss=d.xtok_loss)
 
     bar = None

@@ -62,13 +62,15 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     except NotImplementedError:
         ids, mask = data.pack(tok, train, ex.seq_len, ex.max_samples)  # (n, T) int32 / uint8
         cs = ce = None
+    prefix = data.special_prefix(tok)  # every row starts with it (data.py): the teacher's inputs as trained
     hidden_layers = sorted(profile["critical_layers"]) if ex.save_hidden else []
     out_dir = paths.shard_dir(teacher.teacher_id, dataset.slug)
     base = {"version": shards.MANIFEST_VERSION, "teacher_id": teacher.teacher_id,
             "teacher_fp": profile["teacher_fp"], "dataset": dataset.key, "tokenizer_fp": tok_fp,
             "mode": profile["mode"], "k": ex.top_k, "seq_len": ex.seq_len, "hidden_layers": hidden_layers,
             "tokenizer_vocab": real_vocab, "settings_fp": _settings_fp(cfg, hidden_layers),
-            "offsets": cs is not None, "text_fp": data.text_fingerprint(train),
+            "offsets": cs is not None, "text_fp": data.text_fingerprint(train), "special_prefix": prefix,
+            "bos": tok.bos_token_id is not None and tok.bos_token_id in prefix,
             "data_fp": _data_fp(ids, mask), "shard_size": ex.shard_size, "documents": {"train": len(train),
                                                                                   "heldout": len(heldout)}}
     # The teacher is opened on first use: a finished block needs it only when this job measures quality.

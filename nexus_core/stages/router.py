@@ -4,8 +4,9 @@ Design: the released student is a frozen feature extractor; a prompt's feature i
 mean over its tokens of every layer's hidden state (embeddings included), standardised,
 and a linear softmax head is trained on prompts cut from each dataset's train split.
 Held-out accuracy is measured on prompts from the held-out split, which neither
-extraction nor distillation saw. The teacher per label is the one with the lowest
-held-out loss on that dataset (results/eval.json), else the primary teacher.
+extraction nor distillation saw. The teacher per label is the one distill weighed highest on
+that dataset: with equal registry weights, the lowest held-out loss per character, the scale on
+which teachers with different tokenizers compare (kd/domain_quality.py); router.json says why.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nexus_core import data
 from nexus_core.config import Settings
 from nexus_core.context import StageContext, StageResult
 from nexus_core.errors import CorruptArtifactError
+from nexus_core.kd.domain_quality import best_teachers, domain_quality
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
 from nexus_core.storage.atomic import atomic_path, write_json
@@ -44,6 +46,14 @@ def _prompts(tokenizer, texts: list[str], n: int, rng: random.Random) -> list[li
     return out
 
 
+def prompt_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """A prompt's ids as the router was trained on them (data.pack's rows): the tokenizer's special
+    prefix (<bos> where it adds one), then the text, cut to max_tokens; never empty."""
+    prefix = data.special_prefix(tokenizer)
+    ids = prefix + tokenizer(text, add_special_tokens=False)["input_ids"][: max(max_tokens - len(prefix), 0)]
+    return ids or [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
+
+
 @torch.no_grad()
 def features(model, prompts: list[list[int]], pad_id: int, device: str, batch_size: int = 32) -> torch.Tensor:
     """Mean-pooled hidden states of every layer, concatenated: -> (n, (L+1) * H) float32."""
@@ -59,14 +69,15 @@ def features(model, prompts: list[list[int]], pad_id: int, device: str, batch_si
     return torch.cat(out)
 
 
-def _best_teachers(paths: Paths, plan: DistillPlan) -> dict[str, str]:
+def _best_teachers(cfg: Settings, paths: Paths, plan: DistillPlan) -> dict[str, dict]:
+    """Per label the teacher distill trusted most on it, by held-out nats per character (every teacher,
+    whatever its tokenizer): {label: {"teacher", "reason", "scores": {teacher: {loss_per_char, weight}}}}."""
+    quality = domain_quality(cfg, plan, paths)
     ev_path = paths.results / "eval.json"
     ev = json.loads(ev_path.read_text()).get("datasets", {}) if ev_path.exists() else {}
-    best = {}
-    for d in plan.datasets:
-        losses = {t: m["loss"] for t, m in ev.get(d, {}).get("teachers", {}).items()}
-        best[d] = min(losses, key=losses.get) if losses else plan.primary
-    return best
+    token_losses = {d: {t: m["loss"] for t, m in ev.get(d, {}).get("teachers", {}).items()} for d in plan.datasets}
+    chosen = best_teachers(quality, plan.primary, token_losses)
+    return {d: {**c, "scores": quality[d]} for d, c in chosen.items()}
 
 
 def _load_student(paths: Paths, device: str):
@@ -129,8 +140,11 @@ def run_router(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContext
     with atomic_path(out / "router.safetensors") as tmp:
         save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous(),
                    "feature_mean": mean.contiguous(), "feature_std": std.contiguous()}, str(tmp))
-    best = _best_teachers(paths, plan)
-    spec = {"labels": labels, "teacher_per_label": best, "heldout_accuracy": round(acc, 4),
+    choice = _best_teachers(cfg, paths, plan)
+    best = {d: c["teacher"] for d, c in choice.items()}
+    for d, c in choice.items():
+        log.info("router.teacher_for_label", label=d, teacher=c["teacher"], reason=c["reason"])
+    spec = {"labels": labels, "teacher_per_label": best, "teacher_choice": choice, "heldout_accuracy": round(acc, 4),
             "train_accuracy": round(train_acc, 4), "heldout_source": source,
             "samples": {"train": len(ytr), "heldout": len(yhe)}, "plan_fp": plan.fingerprint(),
             "feature": {"model": "nexus-release-v1", "pooling": "mean over real tokens",
@@ -155,8 +169,7 @@ def route(paths: Paths, text: str) -> dict:
         _cache.update(key=key, model=model, tok=tok, pad=pad, spec=json.loads(spec_path.read_text()),
                       w=load_file(str(w_path)))
     spec, w, tok = _cache["spec"], _cache["w"], _cache["tok"]
-    ids = tok(text, add_special_tokens=False)["input_ids"][: spec["feature"]["max_tokens"]]
-    ids = ids or [tok.eos_token_id if tok.eos_token_id is not None else 0]
+    ids = prompt_ids(tok, text, spec["feature"]["max_tokens"])
     x = (features(_cache["model"], [ids], _cache["pad"], "cpu") - w["feature_mean"]) / w["feature_std"]
     probs = torch.softmax(x @ w["weight"].T + w["bias"], dim=-1)[0]
     label = spec["labels"][int(probs.argmax())]
