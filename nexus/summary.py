@@ -126,7 +126,9 @@ def print_status(state: State, console: Console | None = None, live: dict | None
 
 
 def print_summary(paths: Paths, console: Console | None = None, interrupted: bool = False) -> None:
-    console = console or Console(stderr=True)
+    """The end of `nexus run`: on stdout, so `nexus run > summary.txt` keeps the result and the logs
+    (stderr) stay on the terminal."""
+    console = console or Console()
     state = load_state(paths)
     print_status(state, console)
     if interrupted:

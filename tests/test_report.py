@@ -91,7 +91,8 @@ def test_report_builds_when_the_router_never_ran(workdir):
     assert [(p["step"], p["loss"]) for p in rep["loss_curve"]] == [(1, 3.0), (2, 2.4), (3, 2.0)]
     assert rep["skipped"] == {"oom_recoveries": 1, "sequences_skipped_on_oom": 1, "distill_skipped_sequences": 1}
     assert rep["domains"]["reasoning/arith"] == {"student": 2.1, "student_perplexity": 8.2, "tokens": 10,
-                                                 "teachers": {"t1": 1.9}, "ce_baseline": 2.3, "kd_gap_closed": 0.5}
+                                                 "teachers": {"t1": 1.9}, "ce_baseline": 2.3, "kd_gap_closed": 0.5,
+                                                 "unit": "nats/token", "baseline_lr": None, "teacher_usage": {}}
     assert "| 2.3000 | 50% |" in text
     assert [p["temp_c"] for p in rep["temperature"]] == [86.0, 70.0]
     for name in ("loss", "domains", "layers", "temperature"):
