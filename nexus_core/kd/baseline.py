@@ -58,9 +58,17 @@ def sweep_lrs(cfg: Settings) -> list[float]:
 
 
 def mean_loss(datasets: dict) -> float:
-    """What picks the best lr: the mean held-out loss over the domains (each domain counts once)."""
-    losses = [m["loss"] for m in datasets.values() if isinstance(m.get("loss"), (int, float))]
-    return sum(losses) / len(losses) if losses else math.inf
+    """What picks the best lr: the mean held-out loss over the domains (each domain counts once); a run
+    that diverged (a loss that is not finite) counts as infinitely bad."""
+    losses = [m.get("loss") for m in datasets.values()]
+    if not losses or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses):
+        return math.inf
+    return sum(losses) / len(losses)
+
+
+def _finite(metrics: dict) -> dict:
+    """A diverged run's NaN/inf as null: baseline.json stays plain JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
 def baseline_key(cfg: Settings, plan: DistillPlan, steps: int, lrs: list[float]) -> str:
@@ -100,11 +108,13 @@ def run_ce_baseline(cfg: Settings, plan: DistillPlan, paths: Paths, steps: int, 
         train_causal_lm(model, ids, mask, steps=steps, lr=lr, batch_size=batch, seed=cfg.run.seed,
                         weight_decay=cfg.distill.weight_decay, grad_clip=cfg.distill.grad_clip)
         metrics = evaluate(cfg, plan, paths, model, tok, device, profiles, teachers=False)
-        datasets = {d: m["student"] for d, m in metrics.items()}
-        sweep.append({"lr": lr, "mean_loss": round(mean_loss(datasets), 6), "datasets": datasets})
+        datasets = {d: _finite(m["student"]) for d, m in metrics.items()}
+        score = mean_loss(datasets)
+        sweep.append({"lr": lr, "mean_loss": round(score, 6) if math.isfinite(score) else None, "datasets": datasets,
+                      "diverged": not math.isfinite(score)})
         log.info("baseline.lr_done", lr=lr, mean_heldout_loss=sweep[-1]["mean_loss"])
         del model
-    best = min(sweep, key=lambda s: s["mean_loss"])
+    best = min(sweep, key=lambda s: math.inf if s["mean_loss"] is None else s["mean_loss"])
     out = {"steps": steps, "batch_size": batch, "student": info, "lr": best["lr"], "lrs": lrs, "sweep": sweep,
            "datasets": best["datasets"], "picked_by": "lowest mean held-out loss over the domains", "key": key,
            "plan_fp": plan.fingerprint(), "seconds": round(time.monotonic() - t0, 2)}
