@@ -36,3 +36,18 @@ def test_advance_moves_the_current_bar_and_is_a_noop_without_one():
         assert (bar.done, bar.total, bar.tokens) == (8, 8, 20)
     assert progress.current() is None
     assert out.getvalue().startswith("evaluate: 8/8 sequences (100%)")
+
+
+def test_a_one_line_notice_when_epochs_cap_max_steps():
+    from structlog.testing import capture_logs
+
+    from nexus_core.config import DistillSettings
+    from nexus_core.stages.distill import _epochs_cap
+
+    with capture_logs() as logs:
+        capped = _epochs_cap(DistillSettings(epochs=1, max_steps=400), planned=63, per_epoch=63)
+        assert _epochs_cap(DistillSettings(epochs=10, max_steps=400), planned=630, per_epoch=63) is None
+        assert _epochs_cap(DistillSettings(epochs=1, max_steps=0), planned=63, per_epoch=63) is None
+    assert capped == {"epochs": 1, "max_steps": 400, "steps": 63, "batches_per_epoch": 63}
+    assert len(logs) == 1 and logs[0]["log_level"] == "warning"
+    assert "epochs=1 caps max_steps=400 at 63 steps" in logs[0]["event"]
