@@ -99,6 +99,7 @@ def run_ce_baseline(cfg: Settings, plan: DistillPlan, paths: Paths, steps: int, 
     t0 = time.monotonic()
     profiles = read_profiles(paths, plan.teachers)
     init, info = build_student(cfg, plan, paths, device, profiles.get(plan.primary) or {})
+    init = init.to(device)
     ids, mask = _training_rows(paths, plan)
     tok = tokenizer_from(plan.primary_teacher.path, plan.primary_teacher.trust_remote_code)
     batch = cfg.distill.batch_size * max(1, cfg.distill.grad_accum)
