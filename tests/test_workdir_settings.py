@@ -16,7 +16,7 @@ FAST_FLAGS = ["--extract-seq-len", "32", "--extract-max-samples", "24", "--extra
               "--extract-top-k", "8", "--extract-batch-size", "4", "--profile-calibration-samples", "4",
               "--distill-max-steps", "6", "--distill-batch-size", "4", "--distill-checkpoint-every", "2",
               "--distill-warmup-steps", "1", "--router-epochs", "5", "--router-max-samples", "40"]
-SMALL_DEMO = {"NEXUS_TEST_DEMO_SMALL": "1", "NEXUS_PROGRESS_EVERY_S": "0"}
+SMALL_DEMO = {"NEXUS_TEST_DEMO_SMALL": "1", "NEXUS_PROGRESS_EVERY_S": "0", "COLUMNS": "250"}  # tables unwrapped
 
 
 @pytest.mark.slow
@@ -39,7 +39,7 @@ def test_demo_keeps_its_settings_and_a_plain_rerun_redoes_nothing(workdir, redis
     before = read_events(paths.log)
     baseline_mtime = (paths.results / "baseline.json").stat().st_mtime_ns
 
-    plain = nexus(paths, "run", redis_url=redis_url)  # no flags, no --demo: nexus.toml says it all
+    plain = nexus(paths, "run", redis_url=redis_url, env_extra={"COLUMNS": "250"})  # no flags: nexus.toml says it all
     assert plain.returncode == 0, plain.stderr[-3000:]
     after = read_events(paths.log)[len(before):]
     assert not of_type(after, "StageStarted") and not of_type(after, "StageQueued"), [e.type for e in after]

@@ -186,8 +186,9 @@ def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: Sta
                     ctx.oom_recovered(batch=batch_no, skipped=skipped, splits=ooms, stage="extract")
                 if part_:
                     parts.append(part_)
-                tokens_done += int(mask[b0:b1].sum())
-                bar.advance(b1 - b0, tokens=int(mask[b0:b1].sum()))
+                batch_tokens = int(mask[b0:b1].sum())
+                tokens_done += batch_tokens
+                bar.advance(b1 - b0, tokens=batch_tokens)
             if not parts:
                 raise NexusError(f"extract {teacher.teacher_id} on {dataset}: every sequence of shard {s} ran out of "
                                  f"memory; lower --extract-seq-len or use --sli always")
@@ -199,7 +200,8 @@ def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: Sta
                                  "shard": s, "k": ex.top_k, "seq_len": ex.seq_len, "tokenizer_fp": rows.tok_fp},
                        index=s, skipped=shard_skipped)
             rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
-            ctx.progress(shard=done, shards=hi - lo, tokens=tokens_done, tokens_per_s=round(rate, 1))
+            ctx.progress(shard=done, shards=hi - lo, sequences=bar.done, sequences_total=block_rows, tokens=tokens_done,
+                         tokens_per_s=round(rate, 1))
     loop_s = time.perf_counter() - t0
 
     # 5. The block is done; the last job of the dataset writes manifest.json (one job: always).
