@@ -21,6 +21,7 @@ import structlog
 import torch
 from safetensors.torch import load_file
 
+from nexus_core import progress
 from nexus_core.config import Settings
 from nexus_core.data import DatasetRef
 from nexus_core.kd.evaluate import evaluate
@@ -106,9 +107,12 @@ def run_ce_baseline(cfg: Settings, plan: DistillPlan, paths: Paths, steps: int, 
     sweep = []
     for lr in lrs:
         model = copy.deepcopy(init)  # the same init for every lr
-        train_causal_lm(model, ids, mask, steps=steps, lr=lr, batch_size=batch, seed=cfg.run.seed,
-                        weight_decay=cfg.distill.weight_decay, grad_clip=cfg.distill.grad_clip)
-        metrics = evaluate(cfg, plan, paths, model, tok, device, profiles, teachers=False)
+        with progress.Bar(f"baseline lr {lr:g}", total=steps, unit="steps") as bar:
+            train_causal_lm(model, ids, mask, steps=steps, lr=lr, batch_size=batch, seed=cfg.run.seed,
+                            weight_decay=cfg.distill.weight_decay, grad_clip=cfg.distill.grad_clip,
+                            on_step=lambda step, loss: bar.update(step + 1, loss=loss))
+        with progress.Bar("evaluate", total=None, unit="sequences").current():
+            metrics = evaluate(cfg, plan, paths, model, tok, device, profiles, teachers=False)
         datasets = {d: _finite(m["student"]) for d, m in metrics.items()}
         score = mean_loss(datasets)
         sweep.append({"lr": lr, "mean_loss": round(score, 6) if math.isfinite(score) else None, "datasets": datasets,
