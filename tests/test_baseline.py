@@ -1,5 +1,6 @@
 """The plain fine-tune baseline: a small lr sweep from one student init, the best one kept, cached by its inputs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -47,3 +48,24 @@ def test_default_sweep_is_three_lrs_around_distillation():
     from nexus_core.config import Settings
 
     assert baseline.sweep_lrs(Settings()) == [3e-4, 1e-3, 3e-3]
+
+
+def test_the_default_sweep_goes_on_past_an_end_that_wins(workdir, monkeypatch):
+    import math
+
+    cfg, plan, paths, _ = workdir
+    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, lr=1e-3))
+    tried = []
+
+    def fake_train(cfg, plan, paths, init, rows, tok, profiles, steps, lr, batch, device):
+        tried.append(lr)
+        score = abs(math.log10(lr) - math.log10(1e-5))  # best far below the default sweep
+        return {"lr": lr, "mean_loss": score, "datasets": {"d": {"loss": score}}, "diverged": False}
+
+    monkeypatch.setattr(baseline, "_train_one", fake_train)
+    out = baseline.run_ce_baseline(cfg, plan, paths, steps=3)
+    assert tried == [3e-4, 1e-3, 3e-3, 9.49e-5, 3e-5]  # two more lrs, each sqrt(10) further down
+    assert out["lr"] == 3e-5 and [s["lr"] for s in out["sweep"]] == sorted(tried)
+    tried.clear()
+    baseline.run_ce_baseline(cfg, plan, paths, steps=3, lrs=[1e-3, 3e-3])  # an explicit list: as given
+    assert tried == [1e-3, 3e-3]

@@ -33,7 +33,7 @@ def test_demo_keeps_its_settings_and_a_plain_rerun_redoes_nothing(workdir, redis
     assert "evaluate:" in demo.stderr and "sequences" in demo.stderr
     assert "baseline.lr_done" in demo.stderr and "baseline.lr_done" not in demo.stdout
     base = json.loads((paths.results / "baseline.json").read_text())
-    assert len(base["sweep"]) == 3 and base["lr"] in base["lrs"] and base["steps"] == 6
+    assert 3 <= len(base["sweep"]) <= 5 and base["lr"] in base["lrs"] and base["steps"] == 6
     report = json.loads((paths.results / "report.json").read_text())
     assert all(m["ce_baseline"] is not None and m["teacher_usage"] for m in report["domains"].values())
     before = read_events(paths.log)

@@ -36,7 +36,10 @@ from nexus_core.storage.profiles import read_profiles
 log = structlog.get_logger("nexus.baseline")
 # The sweep: distillation's peak lr times these. A fine-tune's best lr is rarely more than 3x
 # away from a distillation's on the same student; three points keep the cost at 3 short runs.
+# When the best is at an end of the default sweep, it goes on that way (up to MAX_EXTRA more lrs,
+# each a factor STEP further), so the baseline is not held back by where the sweep stopped.
 LR_FACTORS = (0.3, 1.0, 3.0)
+STEP, MAX_EXTRA = 10 ** 0.5, 2
 
 
 def _training_rows(paths: Paths, plan: DistillPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,11 +90,45 @@ def _cached(paths: Paths, key: str) -> dict | None:
     return old if isinstance(old, dict) and old.get("key") == key else None
 
 
+def _score(entry: dict) -> float:
+    return math.inf if entry["mean_loss"] is None else entry["mean_loss"]
+
+
+def _further_lr(sweep: list[dict]) -> float | None:
+    """The next lr past the end of the sweep where the best one sits; None when the best is inside."""
+    ordered = sorted(sweep, key=lambda s: s["lr"])
+    best = min(ordered, key=_score)
+    if best is ordered[0]:
+        return float(f"{best['lr'] / STEP:.3g}")
+    if best is ordered[-1]:
+        return float(f"{best['lr'] * STEP:.3g}")
+    return None
+
+
+def _train_one(cfg: Settings, plan: DistillPlan, paths: Paths, init, rows, tok, profiles: dict, steps: int, lr: float,
+               batch: int, device: str) -> dict:
+    """The plain fine-tune at one lr from (a copy of) the shared init: {"lr", "mean_loss", "datasets", "diverged"}."""
+    model = copy.deepcopy(init)  # the same init for every lr
+    with progress.Bar(f"baseline lr {lr:g}", total=steps, unit="steps") as bar:
+        train_causal_lm(model, *rows, steps=steps, lr=lr, batch_size=batch, seed=cfg.run.seed,
+                        weight_decay=cfg.distill.weight_decay, grad_clip=cfg.distill.grad_clip,
+                        on_step=lambda step, loss: bar.update(step + 1, loss=loss))
+    with progress.Bar("evaluate", total=None, unit="sequences").current():
+        metrics = evaluate(cfg, plan, paths, model, tok, device, profiles, teachers=False)
+    datasets = {d: _finite(m["student"]) for d, m in metrics.items()}
+    score = mean_loss(datasets)
+    log.info("baseline.lr_done", lr=lr, mean_heldout_loss=score)
+    return {"lr": lr, "mean_loss": round(score, 6) if math.isfinite(score) else None, "datasets": datasets,
+            "diverged": not math.isfinite(score)}
+
+
 def run_ce_baseline(cfg: Settings, plan: DistillPlan, paths: Paths, steps: int, lrs: list[float] | None = None,
                     device: str = "cpu") -> dict:
-    """Train the plain fine-tune at each lr from one student init; keep the best; write baseline.json."""
+    """Train the plain fine-tune at each lr from one student init (the default sweep goes on past an end
+    that wins); keep the best; write baseline.json."""
     from nexus_core.teachers.loading import tokenizer_from
 
+    extend = lrs is None  # an explicit list is swept as given
     lrs = list(lrs or sweep_lrs(cfg))
     key = baseline_key(cfg, plan, steps, lrs)
     if (done := _cached(paths, key)) is not None:
@@ -104,23 +141,19 @@ def run_ce_baseline(cfg: Settings, plan: DistillPlan, paths: Paths, steps: int, 
     ids, mask = _training_rows(paths, plan)
     tok = tokenizer_from(plan.primary_teacher.path, plan.primary_teacher.trust_remote_code)
     batch = cfg.distill.batch_size * max(1, cfg.distill.grad_accum)
-    sweep = []
-    for lr in lrs:
-        model = copy.deepcopy(init)  # the same init for every lr
-        with progress.Bar(f"baseline lr {lr:g}", total=steps, unit="steps") as bar:
-            train_causal_lm(model, ids, mask, steps=steps, lr=lr, batch_size=batch, seed=cfg.run.seed,
-                            weight_decay=cfg.distill.weight_decay, grad_clip=cfg.distill.grad_clip,
-                            on_step=lambda step, loss: bar.update(step + 1, loss=loss))
-        with progress.Bar("evaluate", total=None, unit="sequences").current():
-            metrics = evaluate(cfg, plan, paths, model, tok, device, profiles, teachers=False)
-        datasets = {d: _finite(m["student"]) for d, m in metrics.items()}
-        score = mean_loss(datasets)
-        sweep.append({"lr": lr, "mean_loss": round(score, 6) if math.isfinite(score) else None, "datasets": datasets,
-                      "diverged": not math.isfinite(score)})
-        log.info("baseline.lr_done", lr=lr, mean_heldout_loss=sweep[-1]["mean_loss"])
-        del model
-    best = min(sweep, key=lambda s: math.inf if s["mean_loss"] is None else s["mean_loss"])
-    out = {"steps": steps, "batch_size": batch, "student": info, "lr": best["lr"], "lrs": lrs, "sweep": sweep,
+
+    def train(lr: float) -> dict:
+        return _train_one(cfg, plan, paths, init, (ids, mask), tok, profiles, steps, lr, batch, device)
+
+    sweep = [train(lr) for lr in lrs]
+    for _ in range(MAX_EXTRA if extend else 0):
+        further = _further_lr(sweep)
+        if further is None:
+            break
+        sweep.append(train(further))
+    best = min(sweep, key=_score)
+    out = {"steps": steps, "batch_size": batch, "student": info, "lr": best["lr"], "lrs": [s["lr"] for s in sweep],
+           "sweep": sorted(sweep, key=lambda s: s["lr"]),
            "datasets": best["datasets"], "picked_by": "lowest mean held-out loss over the domains", "key": key,
            "plan_fp": plan.fingerprint(), "seconds": round(time.monotonic() - t0, 2)}
     atomic.write_json(paths.results / "baseline.json", out)

@@ -330,8 +330,8 @@ def _teacher_signal(domains: dict) -> list[str]:
         used = u.get("used", True)
         L.append(f"| {d} | {t} | {_f(u.get('weight'), 3) if used else 'left out'} | "
                  f"{_f(u.get('aligned_positions_pct'), 1)}% | {_f(domains[d]['teachers'].get(t))} |")
-    return L + ["", "Weight: the teacher's share of the distillation target on that domain (registry weight x "
-                "held-out quality). Aligned positions: the share of the student's positions that received this "
+    return L + ["", "Weight: the teacher's relative weight in the distillation target on that domain (registry "
+                "weight x held-out quality; higher counts more). Aligned positions: the share of the student's positions that received this "
                 "teacher's distribution (100% for teachers sharing the student's tokenizer).", ""]
 
 
