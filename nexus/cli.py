@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import threading
@@ -12,7 +13,7 @@ from datetime import datetime, timezone
 
 import redis
 
-from nexus_core.config import add_cli_flags, load_settings
+from nexus_core.config import add_cli_flags, keep_settings, load_settings
 from nexus_core.errors import NexusError
 from nexus_core.paths import Paths, check_lockable
 
@@ -24,7 +25,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the whole pipeline in the foreground; skips what is done, resumes what is partial")
     run.add_argument("--reset", action="store_true", help="archive the log and delete artefacts first")
-    run.add_argument("--demo", action="store_true", help="generate demo data and teachers, then run")
+    run.add_argument("--demo", action="store_true", help="generate demo data and teachers, then run (and "
+                     "--baseline); the workdir's nexus.toml keeps the demo's settings")
+    run.add_argument("--baseline", action="store_true", help="after the run, train the plain fine-tune baseline "
+                     "(cross-entropy only, best of a small lr sweep, same student, rows and steps) for the report")
     add_cli_flags(run)
 
     for name, help_ in (("watch", "the producer: watch registry/, record events, enqueue chains"),
@@ -65,15 +69,20 @@ def cmd_run(args, paths: Paths) -> int:
     if args.reset:
         reset_workdir(paths)
     if args.demo:
-        from nexus_core.demo.prepare import prepare_demo
+        from nexus_core.demo.prepare import DemoSpec, prepare_demo
 
         paths.ensure()
-        prepare_demo(paths, cfg)
+        # the workdir keeps the demo's settings: a later plain `nexus run` here resolves the same ones
+        kept = keep_settings(paths.home, args, DEMO_DEFAULTS, why="kept by `nexus run --demo`")
+        if kept is not None:
+            print(f"nexus run: the demo's settings are kept in {kept}", file=sys.stderr)
+        small = os.environ.get("NEXUS_TEST_DEMO_SMALL") == "1"  # test hook: tiny demo teachers (seconds)
+        prepare_demo(paths, cfg, spec=DemoSpec.small() if small else None)
     code = run_pipeline(paths, cfg)
-    if args.demo and code == 0:
-        from nexus.demo_summary import demo_summary
+    if code == 0 and (args.demo or args.baseline):
+        from nexus.demo_summary import baseline_and_summary
 
-        demo_summary(paths, cfg)
+        baseline_and_summary(paths, cfg, demo=args.demo)
     return code
 
 
@@ -103,7 +112,7 @@ def cmd_worker(args, paths: Paths) -> int:
     paths.ensure()
     url, _server = resolve_url(paths)
     conn = connect(url)
-    print(f"nexus worker: pid {__import__('os').getpid()} on queue nexus (Redis {display_url(url)})", file=sys.stderr, flush=True)
+    print(f"nexus worker: pid {os.getpid()} on queue nexus (Redis {display_url(url)})", file=sys.stderr, flush=True)
     check_lockable(paths)
     run_worker(conn, EventLog(paths.log, redis=conn), paths, burst=args.burst, device=args.cfg__run__device)
     return 0

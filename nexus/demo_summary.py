@@ -1,8 +1,11 @@
-"""The end of `nexus run --demo`: the plain fine-tune baseline, then a short summary."""
+"""The end of `nexus run --baseline` (and of the demo): the plain fine-tune baseline, the report,
+then a short summary of whether distillation paid off. The summary goes to stdout; what is
+being done goes to stderr."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import structlog
 from rich.console import Console
@@ -10,7 +13,7 @@ from rich.table import Table
 
 from nexus_core.broker.keys import StageStatus
 from nexus_core.config import Settings
-from nexus_core.kd.baseline import run_ce_baseline
+from nexus_core.kd.baseline import run_ce_baseline, sweep_lrs
 from nexus_core.paths import Paths
 from nexus_core.records.events import load_state
 from nexus_core.records.plan import DistillPlan
@@ -24,41 +27,55 @@ def _last_distill(paths: Paths):
     return max(done, key=lambda s: s.finished_ts or "") if done else None
 
 
-def demo_summary(paths: Paths, cfg: Settings, console: Console | None = None) -> None:
-    console = console or Console(stderr=True)
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+
+def summary_table(report: dict) -> Table:
+    """Per domain: each teacher, the KD student, the tuned plain fine-tune and the share of the gap closed."""
+    domains = report.get("domains") or {}
+    units = {m.get("unit", "nats/token") for m in domains.values()}
+    t = Table(title=f"held-out loss ({', '.join(sorted(units)) or 'nats/token'}, lower is better)",
+              title_justify="left")
+    teachers = sorted({tid for m in domains.values() for tid in m.get("teachers", {})})
+    lr = next((m.get("baseline_lr") for m in domains.values() if m.get("baseline_lr")), None)
+    for col in ("domain", *teachers, "KD student", f"plain fine-tune (lr {lr:g})" if lr else "plain fine-tune",
+                "KD gap closed"):
+        t.add_column(col)
+    for dom, m in sorted(domains.items()):
+        gap = m.get("kd_gap_closed")
+        t.add_row(dom, *[_fmt(m.get("teachers", {}).get(x)) for x in teachers], _fmt(m.get("student")),
+                  _fmt(m.get("ce_baseline")), f"{gap:.0%}" if isinstance(gap, (int, float)) else "-")
+    return t
+
+
+def baseline_and_summary(paths: Paths, cfg: Settings, demo: bool = False, console: Console | None = None) -> None:
+    console = console or Console()  # stdout: the result of the run
     stage = _last_distill(paths)
     eval_path = paths.results / "eval.json"
     if stage is None or not eval_path.exists():
-        console.print("demo: no finished distillation to summarise")
+        print("baseline: no finished distillation to compare with", file=sys.stderr)
         return
     ev = json.loads(eval_path.read_text())
     plan = DistillPlan.from_dict(stage.spec["plan"])
-    console.print(f"demo: training the plain fine-tune baseline ({ev.get('steps')} steps, same student and data)...")
-    base = run_ce_baseline(cfg, plan, paths, steps=int(ev.get("steps") or cfg.distill.max_steps))
-    try:
-        from nexus_core.records.report import build_report
+    steps = int(ev.get("steps") or cfg.distill.max_steps)
+    print(f"baseline: plain fine-tune at lr {', '.join(f'{x:g}' for x in sweep_lrs(cfg))} ({steps} steps each, "
+          f"same student init and rows); the best is kept", file=sys.stderr, flush=True)
+    run_ce_baseline(cfg, plan, paths, steps=steps, device=cfg.resolved_device())
+    from nexus_core.records.report import build_report, collect
 
+    try:
         build_report(paths)
     except Exception as exc:  # the summary still prints
         log.warning("report failed", error=str(exc))
-    t = Table(title="held-out loss (nats/token, lower is better)", title_justify="left")
-    teachers = sorted({tid for d in ev["datasets"].values() for tid in d.get("teachers", {})})
-    for col in ("domain", *teachers, "KD student", "plain fine-tune", "KD gap closed"):
-        t.add_column(col)
-    for dom, d in sorted(ev["datasets"].items()):
-        tl = [d.get("teachers", {}).get(x, {}).get("loss") for x in teachers]
-        kd = d.get("student", {}).get("loss")
-        ce = base["datasets"].get(dom, {}).get("loss")
-        best = min((x for x in tl if x is not None), default=None)
-        gap = f"{(ce - kd) / (ce - best):.0%}" if None not in (kd, ce, best) and ce - best > 1e-9 else "-"
-        t.add_row(dom, *[f"{x:.3f}" if x is not None else "-" for x in tl], f"{kd:.3f}" if kd else "-",
-                  f"{ce:.3f}" if ce else "-", gap)
-    console.print(t)
+    report = collect(paths)
+    console.print(summary_table(report))
     router = paths.router_dir / "router.json"
     if router.exists():
         acc = json.loads(router.read_text()).get("heldout_accuracy")
         console.print(f"router held-out accuracy: {acc:.1%}" if isinstance(acc, (int, float)) else "router trained")
-    console.print(f"student:  {paths.release}  (transformers AutoModelForCausalLM.from_pretrained)")
-    console.print('try:      .venv/bin/nexus route "What is 23 + 19?"   and   .venv/bin/nexus status')
+    if demo:
+        console.print(f"student:  {paths.release}  (transformers AutoModelForCausalLM.from_pretrained)")
+        console.print('try:      .venv/bin/nexus route "What is 23 + 19?"   and   .venv/bin/nexus status')
     if (paths.results / "report.md").exists():
         console.print(f"report:   {paths.results / 'report.md'}")

@@ -18,6 +18,9 @@ def _progress_text(st) -> str:
     p = st.progress or {}
     if "step" in p and "steps" in p:
         return f"step {p['step']}/{p['steps']}" + (f" loss {p['loss']:.3f}" if isinstance(p.get("loss"), (int, float)) else "")
+    rate = f" {p['tokens_per_s']:.0f} tok/s" if isinstance(p.get("tokens_per_s"), (int, float)) else ""
+    if "sequences" in p and "sequences_total" in p:  # extraction, by sequences (shards are coarse)
+        return f"{p['sequences']}/{p['sequences_total']} sequences{rate}"
     if "shard" in p and "shards" in p:
         return f"shard {p['shard']}/{p['shards']}" + (f" {p['tokens_per_s']:.0f} tok/s" if isinstance(p.get("tokens_per_s"), (int, float)) else "")
     if p.get("paused"):
@@ -126,7 +129,9 @@ def print_status(state: State, console: Console | None = None, live: dict | None
 
 
 def print_summary(paths: Paths, console: Console | None = None, interrupted: bool = False) -> None:
-    console = console or Console(stderr=True)
+    """The end of `nexus run`: on stdout, so `nexus run > summary.txt` keeps the result and the logs
+    (stderr) stay on the terminal."""
+    console = console or Console()
     state = load_state(paths)
     print_status(state, console)
     if interrupted:

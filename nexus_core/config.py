@@ -363,3 +363,43 @@ def load_settings(home: Path | None = None, args: argparse.Namespace | None = No
                 raise ConfigError(f"unknown setting {section}.{key}")
         kwargs[section] = cls(**{k: _convert(v, types[k], f"{section}.{k}") for k, v in kv.items()})
     return Settings(**kwargs)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string: JSON's escapes are TOML's
+
+
+def to_toml(values: dict[str, dict], header: str = "") -> str:
+    lines = [f"# {line}" for line in header.splitlines()]
+    for section in sorted(values):
+        if values[section]:
+            lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in sorted(values[section].items())]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def keep_settings(home: Path, args: argparse.Namespace | None = None, defaults: dict | None = None,
+                  why: str = "") -> Path | None:
+    """Write a run's own settings into home/nexus.toml, so that a later plain `nexus run` in this workdir
+    resolves the same ones (and redoes nothing): `defaults` under the keys the file already has, the
+    command-line flags over them. Environment variables are the caller's and stay out. Returns the
+    file when it changed, None when it already said all of it."""
+    path = home / "nexus.toml"
+    current = _from_toml(path)
+    values: dict[str, dict] = {}
+    _apply(values, {k: dict(v) for k, v in (defaults or {}).items()})
+    _apply(values, current)
+    _apply(values, _from_args(args))
+    if values == current:
+        return None
+    header = (f"Settings of this workdir ({why}; edit freely).\n" if why else "Settings of this workdir.\n") + \
+        "Precedence: built-in defaults < this file < NEXUS_<SECTION>_<KEY> < command-line flags."
+    text = to_toml(values, header)
+    assert tomllib.loads(text) == values  # what we write reads back as the same settings
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

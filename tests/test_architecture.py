@@ -14,7 +14,7 @@ PACKAGES = ("nexus_core", "producer", "workers", "nexus")
 # nexus_core's rooms, lowest first: a module may import its own room and the rooms below it.
 ROOMS = [
     {"nexus_core.errors", "nexus_core.paths", "nexus_core.config", "nexus_core.data", "nexus_core.context",
-     "nexus_core.broker"},
+     "nexus_core.broker", "nexus_core.progress"},
     {"nexus_core.storage"},
     {"nexus_core.records"},
     {"nexus_core.teachers"},

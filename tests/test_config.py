@@ -57,3 +57,22 @@ def test_memory_budget_parse():
     assert parse_bytes("16GiB") == 16 * 2**30
     with pytest.raises(ConfigError, match="memory-budget"):
         parse_bytes("lots")
+
+
+def test_keep_settings_writes_what_a_later_plain_run_resolves_to(tmp_path):
+    from nexus_core.config import keep_settings
+
+    (tmp_path / "nexus.toml").write_text("[distill]\nmax_steps = 10\n[memory]\nbudget = \"12GB\"\n")
+    p = argparse.ArgumentParser()
+    add_cli_flags(p)
+    args = p.parse_args(["--distill-lr", "0.002", "--datasets", "reasoning/arithmetic"])
+    demo = {"extract": {"max_samples": 256}, "distill": {"max_steps": 400, "epochs": 1000}}
+    wanted = load_settings(tmp_path, args, environ={}, defaults=demo)
+    assert keep_settings(tmp_path, args, demo, why="kept by a test") == tmp_path / "nexus.toml"
+    again = load_settings(tmp_path, environ={})  # no flags, no defaults: the file says it all
+    assert again == wanted
+    assert again.distill.max_steps == 10  # the file's own key beat the demo's default
+    assert (again.distill.lr, again.distill.epochs, again.memory.budget) == (0.002, 1000, "12GB")
+    assert (tmp_path / "nexus.toml").read_text().startswith("# Settings of this workdir (kept by a test")
+    assert keep_settings(tmp_path, args, demo) is None  # nothing new: the file is left alone
+    assert not list(tmp_path.glob(".*.tmp"))

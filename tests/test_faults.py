@@ -269,7 +269,9 @@ def test_corrupt_checkpoints_are_restored_from_a_good_copy_or_discarded(tmp_path
     for step in (2, 4):
         ckpt.save(paths, {**state, ckpt.STEP: step}, keep=3)
     latest = ckpt.latest_path(paths)
-    latest.write_bytes(latest.read_bytes()[:50])  # truncated
+    torn = latest.read_bytes()[:50]
+    latest.unlink()  # a torn file put in its place (checkpoint_00000004.pt, its hard link, keeps the bytes)
+    latest.write_bytes(torn)
     assert ckpt.load_latest_good(paths)[ckpt.STEP] == 4  # the numbered copy of step 4
     assert ckpt.load(latest)[ckpt.STEP] == 4  # ... restored over the bad latest
     for p in paths.checkpoints.glob("checkpoint_*.pt"):

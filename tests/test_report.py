@@ -91,7 +91,8 @@ def test_report_builds_when_the_router_never_ran(workdir):
     assert [(p["step"], p["loss"]) for p in rep["loss_curve"]] == [(1, 3.0), (2, 2.4), (3, 2.0)]
     assert rep["skipped"] == {"oom_recoveries": 1, "sequences_skipped_on_oom": 1, "distill_skipped_sequences": 1}
     assert rep["domains"]["reasoning/arith"] == {"student": 2.1, "student_perplexity": 8.2, "tokens": 10,
-                                                 "teachers": {"t1": 1.9}, "ce_baseline": 2.3, "kd_gap_closed": 0.5}
+                                                 "teachers": {"t1": 1.9}, "ce_baseline": 2.3, "kd_gap_closed": 0.5,
+                                                 "unit": "nats/token", "baseline_lr": None, "teacher_usage": {}}
     assert "| 2.3000 | 50% |" in text
     assert [p["temp_c"] for p in rep["temperature"]] == [86.0, 70.0]
     for name in ("loss", "domains", "layers", "temperature"):
@@ -119,3 +120,44 @@ def test_report_on_an_empty_workdir_says_what_is_missing(workdir):
     assert out.exists() and rep["plots"] == {} and rep["domains"] == {}
     assert any("event log" in m for m in rep["missing"]) and any("eval.json" in m for m in rep["missing"])
     assert "No held-out evaluation yet" in out.read_text()
+
+
+def test_report_shows_every_teacher_per_char_the_tuned_baseline_and_each_teachers_signal(workdir):
+    """Two teachers (one with another tokenizer), per-character losses, the swept baseline: all in one table."""
+    paths = workdir
+    log = EventLog(paths.log)
+    usage = {"t1": {"tokenizer": "primary", "domains": {"code/x": {"weight": 0.8, "used": True}}},
+             "t2": {"tokenizer": "aligned", "domains": {"code/x": {"weight": 0.2, "used": True,
+                                                                   "aligned_positions_pct": 87.5}}}}
+    log.append("StageQueued", stage="distill", job_id="distill-a", data={"plan": "fp1"})
+    log.append("StageStarted", stage="distill", job_id="distill-a", data={})
+    log.append("StageCompleted", stage="distill", job_id="distill-a",
+               data={"artifacts": [], "teacher_usage": usage, "skipped_sequences": 0})
+    write_json(paths.results / "eval.json", {"steps": 5, "plan_fp": "fp1", "datasets": {"code/x": {
+        "student": {"loss": 2.0, "loss_per_char": 0.6, "tokens": 50, "extra": "tolerated"},
+        "teachers": {"t1": {"loss": 1.5, "loss_per_char": 0.4}, "t2": {"loss_per_char": 0.5, "new_field": 1}}}}})
+    write_json(paths.results / "baseline.json", {"steps": 5, "lr": 3e-3, "datasets": {
+        "code/x": {"loss": 2.4, "loss_per_char": 0.8}}})
+    build_report(paths)
+    dom = json.loads((paths.results / "report.json").read_text())["domains"]["code/x"]
+    assert dom["unit"] == "nats/char" and dom["teachers"] == {"t1": 0.4, "t2": 0.5}
+    assert (dom["student"], dom["ce_baseline"], dom["baseline_lr"]) == (0.6, 0.8, 3e-3)
+    assert dom["kd_gap_closed"] == 0.5  # (0.8 - 0.6) / (0.8 - 0.4)
+    assert dom["teacher_usage"]["t1"]["aligned_positions_pct"] == 100.0
+    assert dom["teacher_usage"]["t2"] == {"weight": 0.2, "used": True, "aligned_positions_pct": 87.5,
+                                          "tokenizer": "aligned"}
+    text = (paths.results / "report.md").read_text()
+    assert "| code/x | 0.4000 | 0.5000 | 0.6000 | 0.8000 | 50% |" in text
+    assert "| code/x | t2 | 0.200 | 87.5% | 0.5000 |" in text
+    assert "best learning rate of a sweep (lr 0.003" in text and "nats/char" in text
+
+
+def test_report_falls_back_to_nats_per_token_when_the_baseline_has_no_per_char_loss(workdir):
+    paths = workdir
+    write_json(paths.results / "eval.json", {"steps": 5, "datasets": {"code/x": {
+        "student": {"loss": 2.0, "loss_per_char": 0.6}, "teachers": {"t1": {"loss": 1.5}, "t2": {"loss_per_char": 0.5}}}}})
+    write_json(paths.results / "baseline.json", {"steps": 5, "datasets": {"code/x": {"loss": 2.5}}})
+    build_report(paths)
+    dom = json.loads((paths.results / "report.json").read_text())["domains"]["code/x"]
+    assert dom["unit"] == "nats/token" and dom["teachers"] == {"t1": 1.5, "t2": None}
+    assert dom["kd_gap_closed"] == 0.5 and dom["baseline_lr"] is None

@@ -13,7 +13,7 @@ import structlog
 import torch
 import torch.nn.functional as F
 
-from nexus_core import data
+from nexus_core import data, progress
 from nexus_core.config import Settings
 from nexus_core.errors import DatasetError
 from nexus_core.paths import Paths
@@ -45,6 +45,7 @@ def lm_loss(logits_fn, ids: torch.Tensor, mask: torch.Tensor, vocab: int, device
         logp = F.log_softmax(logits_fn(x, m)[..., :vocab].float(), dim=-1)  # (b, T, V)
         nll = -logp[:, :-1].gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)  # (b, T-1)
         real = (m[:, :-1] * m[:, 1:]).bool()
+        progress.advance(x.shape[0], tokens=int(m.sum()))  # the caller's bar, if it opened one
         total += nll[real].double().sum().item()
         count += int(real.sum())
     loss = total / max(count, 1)
@@ -96,6 +97,7 @@ def evaluate(cfg: Settings, plan: DistillPlan, paths: Paths, student, tokenizer,
     vocab = len(tokenizer)
     sets = {d: heldout(cfg, paths, tokenizer, d) for d in plan.datasets}
     out: dict = {}
+    progress.expect(sum(b[0].shape[0] for b in sets.values() if b is not None) * (1 + len(plan.teachers) * teachers))
     was_training = student.training
     student.eval()
     for d, batch in sets.items():

@@ -22,6 +22,8 @@ _ENDS = ("StageCompleted", "StageFailed", "StagePaused")
 # Where a CE-only baseline may be recorded: results/baseline.json (the demo's plain fine-tune,
 # nexus_core.baseline), else these keys of eval.json.
 _CE_KEYS = ("ce_baseline", "baseline_ce", "ce")
+# Held-out loss per character in eval.json / baseline.json entries (any tokenizer, one scale), when present.
+_PER_CHAR_KEYS = ("loss_per_char", "nats_per_char")
 
 
 def _epoch(ts: str) -> float:
@@ -87,33 +89,74 @@ def _temperatures(events) -> list[dict]:
     return out
 
 
-def _ce_baseline(ev: dict, base: dict | None, domain: str) -> float | None:
+def _ce_entry(ev: dict, base: dict | None, domain: str) -> dict | None:
+    """The plain fine-tune's held-out metrics on a domain: baseline.json's, else a key of eval.json."""
     v = ((base or {}).get("datasets") or {}).get(domain)
     if isinstance(v, dict) and isinstance(v.get("loss"), (int, float)):
-        return float(v["loss"])
+        return v
     per = (ev.get("datasets") or {}).get(domain) or {}
     for key in _CE_KEYS:
         v = per.get(key)
         if v is None and isinstance(ev.get(key), dict):
             v = ev[key].get(domain)
-        if isinstance(v, dict):
-            v = v.get("loss")
         if isinstance(v, (int, float)):
-            return float(v)
+            v = {"loss": float(v)}
+        if isinstance(v, dict) and isinstance(v.get("loss"), (int, float)):
+            return v
     return None
 
 
-def _domains(ev: dict | None, base: dict | None) -> dict:
+def _per_char(entry) -> float | None:
+    v = next((entry.get(k) for k in _PER_CHAR_KEYS if isinstance(entry, dict) and k in entry), None)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _per_token(entry) -> float | None:
+    v = entry.get("loss") if isinstance(entry, dict) else entry
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _usage(state, plan_fp: str | None) -> dict:
+    """teacher_usage of the distill that made eval.json (else the latest finished one): per teacher and
+    domain its weight and aligned positions %."""
+    done = [s for s in state.stages.values() if s.stage == "distill" and (s.result or {}).get("teacher_usage")]
+    done.sort(key=lambda s: (s.plan == plan_fp, s.finished_ts or ""))
+    return done[-1].result["teacher_usage"] if done else {}
+
+
+def _teacher_usage(usage: dict, domain: str) -> dict:
+    out = {}
+    for tid, u in sorted(usage.items()):
+        dom = (u.get("domains") or {}).get(domain)
+        if not isinstance(dom, dict):
+            continue
+        same_tok = u.get("tokenizer") == "primary"
+        out[tid] = {"weight": dom.get("weight"), "used": dom.get("used", True),
+                    # the primary's tokenizer: every position is the student's own
+                    "aligned_positions_pct": 100.0 if same_tok else dom.get("aligned_positions_pct"),
+                    "tokenizer": u.get("tokenizer")}
+    return out
+
+
+def _domains(ev: dict | None, base: dict | None, usage: dict | None = None) -> dict:
     out = {}
     for d, m in ((ev or {}).get("datasets") or {}).items():
         student = (m.get("student") or {})
-        teachers = {t: v.get("loss") for t, v in (m.get("teachers") or {}).items()}
-        ce, kd = _ce_baseline(ev, base, d), student.get("loss")
+        ce_entry = _ce_entry(ev, base, d)
+        # One unit per domain: nats per character when the student (and baseline) have it, which puts
+        # teachers with other tokenizers on the same scale; else nats per token.
+        per_char = _per_char(student) is not None and (ce_entry is None or _per_char(ce_entry) is not None)
+        value = _per_char if per_char else _per_token
+        teachers = {t: value(v) for t, v in (m.get("teachers") or {}).items()}
+        ce, kd = value(ce_entry) if ce_entry else None, value(student)
         best = min((x for x in teachers.values() if isinstance(x, (int, float))), default=None)
         # share of the CE-baseline -> best-teacher gap that distillation closed
         gap = (ce - kd) / (ce - best) if None not in (ce, kd, best) and ce - best > 1e-9 else None
         out[d] = {"student": kd, "student_perplexity": student.get("perplexity"), "tokens": student.get("tokens"),
-                  "teachers": teachers, "ce_baseline": ce, "kd_gap_closed": None if gap is None else round(gap, 4)}
+                  "teachers": teachers, "ce_baseline": ce, "kd_gap_closed": None if gap is None else round(gap, 4),
+                  "unit": "nats/char" if per_char else "nats/token",
+                  "baseline_lr": (base or {}).get("lr") if ce_entry is not None else None,
+                  "teacher_usage": _teacher_usage(usage or {}, d)}
     return out
 
 
@@ -160,10 +203,10 @@ def collect(paths: Paths) -> dict:
         missing.append(f"CE baseline: {base_path} was trained for {base.get('steps')} steps, the student for "
                        f"{ev.get('steps')}: left out as stale (the demo retrains it)")
         base = None
-    domains = _domains(ev, base)
+    domains = _domains(ev, base, _usage(state, (ev or {}).get("plan_fp")))
     if domains and all(v["ce_baseline"] is None for v in domains.values()):
         missing.append("CE baseline: no plain fine-tune (cross-entropy only) student in results/baseline.json "
-                       "(`nexus run --demo` trains one; bench/bench_kd.py measures one)")
+                       "(`nexus run --baseline` trains one; the demo does too)")
     datasets = sorted({*domains, *(s.dataset for s in state.stages.values() if s.dataset),
                        *((router or {}).get("labels") or [])})
     done = all(any(j["stage"] == s and j["status"] == "done" for j in jobs) for s in STAGES)
@@ -223,7 +266,8 @@ def _plots(data: dict, out_dir: Path) -> dict[str, str]:
             xs = [j + i * width for j, d in enumerate(names) if isinstance(vals.get(d), (int, float))]
             ax.bar(xs, [vals[d] for d in names if isinstance(vals.get(d), (int, float))], width, label=label)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
-        ax.set(ylabel="held-out loss (nats/token)", title="held-out loss per domain")
+        unit = ", ".join(sorted({m.get("unit", "nats/token") for m in data["domains"].values()}))
+        ax.set(ylabel=f"held-out loss ({unit})", title="held-out loss per domain")
         ax.legend(fontsize=8)
         _save(fig, out_dir / "report_domains.png")
         drawn["domains"] = "report_domains.png"
@@ -261,6 +305,36 @@ def _img(plots: dict, key: str, alt: str) -> list[str]:
     return [f"![{alt}]({plots[key]})", ""] if key in plots else []
 
 
+def _heldout_note(domains: dict, has_ce: bool) -> str:
+    units = sorted({m.get("unit", "nats/token") for m in domains.values()})
+    note = (f"Held-out loss ({', '.join(units)}; per character puts teachers with other tokenizers on the "
+            f"student's scale) on each dataset's held-out split, which extraction and distillation never saw.")
+    if not has_ce:
+        return note + (" No plain fine-tune baseline was trained in this run, so whether distillation paid off is "
+                       "not shown: `nexus run --baseline` trains one (the demo does too).")
+    lr = next((m.get("baseline_lr") for m in domains.values() if m.get("baseline_lr")), None)
+    how = (f"at the best learning rate of a sweep (lr {lr:g}, picked by mean held-out loss)" if lr else
+           "at distillation's learning rate (not tuned for it)")
+    return note + (f" CE baseline: the same student init trained for the same steps on the same rows with "
+                   f"cross-entropy alone, {how}; KD gap closed = (CE - KD) / (CE - best teacher): 100% matches the "
+                   f"best teacher, 0% is no better than the plain fine-tune, below 0 is worse.")
+
+
+def _teacher_signal(domains: dict) -> list[str]:
+    """Per domain and teacher: the weight distillation gave it and the share of positions it taught."""
+    rows = [(d, t, u) for d, m in sorted(domains.items()) for t, u in (m.get("teacher_usage") or {}).items()]
+    if not rows:
+        return []
+    L = ["| domain | teacher | weight | aligned positions | held-out loss |", "|---|---|---|---|---|"]
+    for d, t, u in rows:
+        used = u.get("used", True)
+        L.append(f"| {d} | {t} | {_f(u.get('weight'), 3) if used else 'left out'} | "
+                 f"{_f(u.get('aligned_positions_pct'), 1)}% | {_f(domains[d]['teachers'].get(t))} |")
+    return L + ["", "Weight: the teacher's relative weight in the distillation target on that domain (registry "
+                "weight x held-out quality; higher counts more). Aligned positions: the share of the student's positions that received this "
+                "teacher's distribution (100% for teachers sharing the student's tokenizer).", ""]
+
+
 def render(data: dict, plots: dict, plot_error: str | None = None) -> str:
     L = ["# Nexus run report", "",
          f"Generated {data['generated']} from events/log.jsonl (last seq {data['last_seq']}) and the artefacts on "
@@ -281,13 +355,8 @@ def render(data: dict, plots: dict, plot_error: str | None = None) -> str:
             row = [d, *[_f(m["teachers"].get(t)) for t in tids], _f(m["student"]),
                    *([_f(m["ce_baseline"]), _pct(m.get("kd_gap_closed"))] if has_ce else []), str(m["tokens"] or "–")]
             L.append("| " + " | ".join(row) + " |")
-        L += ["", "Mean next-token cross-entropy (nats/token) on each dataset's held-out split, which extraction "
-                  "and distillation never saw." + (" CE baseline: the same student trained for the same steps on the "
-                                                   "same rows with cross-entropy alone, at the same learning rate "
-                                                   "(not tuned for it: bench/bench_kd.py compares KD with its best "
-                                                   "lr); KD gap closed = (CE - KD) / (CE - best teacher)." if has_ce else
-                                                   " No CE-only baseline was trained in this run, so that bar is "
-                                                   "omitted (`nexus run --demo` trains one)."), ""]
+        L += ["", _heldout_note(data["domains"], has_ce), ""]
+        L += _teacher_signal(data["domains"])
         L += _img(plots, "domains", "held-out loss per domain")
     else:
         L += ["No held-out evaluation yet (results/eval.json is written by the distill stage).", ""]

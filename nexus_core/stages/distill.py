@@ -15,6 +15,7 @@ from pathlib import Path
 import structlog
 import torch
 
+from nexus_core import progress
 from nexus_core.config import Settings
 from nexus_core.context import Control, StageContext, StageResult
 from nexus_core.errors import StageInterrupted
@@ -42,6 +43,16 @@ def _oom_batches(cfg: Settings) -> set[int]:
     return {int(x) for x in cfg.faults.oom_at_batches.split(",") if x.strip()}
 
 
+def _epochs_cap(d, planned: int, per_epoch: int) -> dict | None:
+    """When `epochs` ends the run before `max_steps`, say so once (a silent cap looks like a bug)."""
+    if not 0 < planned < d.max_steps:
+        return None
+    capped = {"epochs": d.epochs, "max_steps": d.max_steps, "steps": planned, "batches_per_epoch": per_epoch}
+    log.warning(f"distill: epochs={d.epochs} caps max_steps={d.max_steps} at {planned} steps "
+                f"({per_epoch} micro-batches per epoch); raise --distill-epochs to train longer", **capped)
+    return capped
+
+
 def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContext = StageContext()) -> StageResult:
     d, group = cfg.distill, ddp.Group.current()
     if d.nproc > 1 and group.world == 1:
@@ -65,6 +76,7 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
     hidden_layers = [i for i in primary.get("critical_layers", []) if i in stored] if d.hidden_weight > 0 else []
     loader = ShardLoader(streams, d.batch_size, cfg.run.seed, hidden_layers, primary=plan.primary)
     planned = math.ceil(d.epochs * loader.per_epoch / d.grad_accum)
+    capped = _epochs_cap(d, planned, loader.per_epoch)
 
     # 2. The student, its optimiser and schedule: resumed (with RNG and position), warm-started or fresh.
     run = TrainingRun.start(cfg, plan, paths, device, ctx, primary, hidden_layers,
@@ -75,66 +87,58 @@ def run_distill(cfg: Settings, plan: DistillPlan, paths: Paths, ctx: StageContex
     first_step = run.step
     ctx.started(resume_step=run.step if run.resumed else 0, start_step=run.step, end_step=run.end,
                 warm_start=not run.resumed and run.step > 0, student=info["source"], primary=plan.primary,
-                primary_reason=plan.primary_reason)
+                primary_reason=plan.primary_reason, **({"steps_capped_by_epochs": capped} if capped else {}))
     log.info("distill.student_seed", primary=plan.primary, reason=plan.primary_reason or "given by the plan")
     ctx.note("TeacherSignalsAligned", teacher_usage=usage, left_out=shard_info["left_out"], xtok_loss=d.xtok_loss)
 
-    bar = None
-    if sys.stderr.isatty() and group.rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=run.end, initial=run.step, desc="distill", file=sys.stderr)
     oom_at, saved_at = _oom_batches(cfg), -1
     log_every, t0, tokens, last = max(1, min(10, (run.end - run.step) // 20 or 1)), time.perf_counter(), 0, {}
-    while run.step < run.end:
-        # 3. Batch: this rank's share of the step's micro-batches (all of them in one process); the
-        #    loss divides by the real tokens of the whole step, summed over the ranks.
-        micro = group.share(loader, (run.step - run.base) * d.grad_accum, d.grad_accum)  # [(j, micro-batch)]
-        masks = [kd_loss.masks(mb.attention_mask) for _, mb in micro]
-        n_kd, n_ce = map(int, group.sum(sum(int(k.sum()) for k, _ in masks), sum(int(c.sum()) for _, c in masks)))
-        # 4. Teacher targets come with the batch (top-k shards); loss and backward per micro-batch.
-        kd_sum = ce_sum = 0.0
-        oom_skipped, oom_hit = 0, False
-        for j, mb in micro:
-            inject = run.step * d.grad_accum + j in oom_at
-            oom_hit |= inject
-            k_, c_, s_ = step_fn.micro(mb.to(device), n_kd, n_ce, inject)
-            kd_sum, ce_sum, oom_skipped = kd_sum + k_, ce_sum + c_, oom_skipped + s_
-        # 5. Step: gradients (and loss sums) summed over the ranks, clip, AdamW, schedule.
-        params = [p for g in run.opt.param_groups for p in g["params"]]
-        group.sum_grads(params)
-        kd_sum, ce_sum, oom_skipped, oom_hit = group.sum(kd_sum, ce_sum, oom_skipped, oom_hit)
-        if d.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, d.grad_clip)
-        run.opt.step()
-        run.sched.step()
-        run.opt.zero_grad(set_to_none=True)
-        run.step += 1
-        tokens += n_kd
-        if oom_hit or oom_skipped:
-            run.skipped += int(oom_skipped)
-            ctx.oom_recovered(step=run.step, skipped=int(oom_skipped), stage="distill")
-        # 6. Log.
-        kd, ce = kd_sum / max(n_kd, 1), ce_sum / max(n_ce, 1)
-        last = {"loss": d.alpha * d.temperature ** 2 * kd + (1 - d.alpha) * ce, "kd": kd, "ce": ce}
-        if run.step % log_every == 0 or run.step == run.end:
-            ctx.progress(step=run.step, steps=run.end, loss=round(last["loss"], 5), kd=round(kd, 5), ce=round(ce, 5),
-                         lr=run.sched.get_last_lr()[0], tokens_per_s=round(tokens / (time.perf_counter() - t0), 1))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
-        # 7. Checkpoint: periodic, or on request (SIGUSR2, thermal pause, stop), as rank 0 decides.
-        control = group.agree(ctx.poll())
-        if control != Control.CONTINUE or run.step % max(d.checkpoint_every, 1) == 0:
-            if group.rank == 0:  # one writer
-                run.save(paths, ctx, _REASON.get(control, "periodic"))
-            saved_at = run.step
-        if control == Control.PAUSE:
-            ctx.wait_while_paused()
-        elif control.stops:
-            raise StageInterrupted(control.value, f"distill checkpointed at step {run.step}")
-    if bar is not None:
-        bar.close()
+    with progress.Bar("distill", total=run.end, done=run.step, unit="steps", enabled=group.rank == 0) as bar:
+        while run.step < run.end:
+            # 3. Batch: this rank's share of the step's micro-batches (all of them in one process); the
+            #    loss divides by the real tokens of the whole step, summed over the ranks.
+            micro = group.share(loader, (run.step - run.base) * d.grad_accum, d.grad_accum)  # [(j, micro-batch)]
+            masks = [kd_loss.masks(mb.attention_mask) for _, mb in micro]
+            n_kd, n_ce = map(int, group.sum(sum(int(k.sum()) for k, _ in masks), sum(int(c.sum()) for _, c in masks)))
+            # 4. Teacher targets come with the batch (top-k shards); loss and backward per micro-batch.
+            kd_sum = ce_sum = 0.0
+            oom_skipped, oom_hit = 0, False
+            for j, mb in micro:
+                inject = run.step * d.grad_accum + j in oom_at
+                oom_hit |= inject
+                k_, c_, s_ = step_fn.micro(mb.to(device), n_kd, n_ce, inject)
+                kd_sum, ce_sum, oom_skipped = kd_sum + k_, ce_sum + c_, oom_skipped + s_
+            # 5. Step: gradients (and loss sums) summed over the ranks, clip, AdamW, schedule.
+            params = [p for g in run.opt.param_groups for p in g["params"]]
+            group.sum_grads(params)
+            kd_sum, ce_sum, oom_skipped, oom_hit = group.sum(kd_sum, ce_sum, oom_skipped, oom_hit)
+            if d.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, d.grad_clip)
+            run.opt.step()
+            run.sched.step()
+            run.opt.zero_grad(set_to_none=True)
+            run.step += 1
+            tokens += n_kd
+            if oom_hit or oom_skipped:
+                run.skipped += int(oom_skipped)
+                ctx.oom_recovered(step=run.step, skipped=int(oom_skipped), stage="distill")
+            # 6. Log.
+            kd, ce = kd_sum / max(n_kd, 1), ce_sum / max(n_ce, 1)
+            last = {"loss": d.alpha * d.temperature ** 2 * kd + (1 - d.alpha) * ce, "kd": kd, "ce": ce}
+            if run.step % log_every == 0 or run.step == run.end:
+                ctx.progress(step=run.step, steps=run.end, loss=round(last["loss"], 5), kd=round(kd, 5), ce=round(ce, 5),
+                             lr=run.sched.get_last_lr()[0], tokens_per_s=round(tokens / (time.perf_counter() - t0), 1))
+            bar.update(run.step, tokens=n_kd, loss=last["loss"])
+            # 7. Checkpoint: periodic, or on request (SIGUSR2, thermal pause, stop), as rank 0 decides.
+            control = group.agree(ctx.poll())
+            if control != Control.CONTINUE or run.step % max(d.checkpoint_every, 1) == 0:
+                if group.rank == 0:  # one writer
+                    run.save(paths, ctx, _REASON.get(control, "periodic"))
+                saved_at = run.step
+            if control == Control.PAUSE:
+                ctx.wait_while_paused()
+            elif control.stops:
+                raise StageInterrupted(control.value, f"distill checkpointed at step {run.step}")
     if saved_at != run.step and not (run.resumed and run.step == first_step) and group.rank == 0:
         run.save(paths, ctx, "periodic")
     loader.close()
@@ -152,7 +156,8 @@ def _finish(cfg, plan, paths, run: TrainingRun, tokenizer, device, last, profile
     if cfg.distill.grad_checkpointing:
         model.gradient_checkpointing_disable()
     model.config.use_cache = True
-    metrics = evaluate(cfg, plan, paths, model, tokenizer, device, profiles)
+    with progress.Bar("evaluate", total=None, unit="sequences").current():  # kd.evaluate advances it
+        metrics = evaluate(cfg, plan, paths, model, tokenizer, device, profiles)
     summary = {"plan_fp": plan.fingerprint(), "steps": step, "student": info, "datasets": metrics,
                "teachers": [t.teacher_id for t in plan.teachers], "primary": plan.primary}
     eval_path = paths.results / "eval.json"

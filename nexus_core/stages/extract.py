@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nexus_core import data
+from nexus_core import data, progress
 from nexus_core.config import UNFINGERPRINTED, Settings
 from nexus_core.context import Control, StageContext, StageResult
 from nexus_core.data import DatasetRef
@@ -158,7 +157,7 @@ def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: Sta
     # 3. Disk: refuse to start when the remaining shards cannot fit.
     H = rows.hidden_size
     per_seq = ex.seq_len * (4 + 1 + 6 * ex.top_k + 4 + 2 * H * len(hidden_layers) + (16 if cs is not None else 0))
-    need = sum(min(n, (s + 1) * S) - s * S for s in todo) * per_seq + len(todo) * 8192 + (1 << 16)
+    need = _rows_in(todo, S, n) * per_seq + len(todo) * 8192 + (1 << 16)
     free = shards.free_bytes_for(out_dir)
     if todo and free < need:
         raise DiskFullError(f"extract {teacher.teacher_id} on {dataset}: needs about {need} bytes ({need / 1e6:.1f} MB) "
@@ -173,7 +172,9 @@ def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: Sta
     if todo:
         runner()  # loaded before the clock starts: tokens_per_s is the shard loop's rate
     t0, tokens_done = time.perf_counter(), 0
-    with _deterministic(), _progress_bar(hi - lo, hi - lo - len(todo)) as bar:
+    block_rows = min(n, hi * S) - lo * S  # this job's sequences; those of verified shards are done
+    label = f"extract {teacher.teacher_id} {dataset.key}"
+    with _deterministic(), progress.Bar(label, block_rows, block_rows - _rows_in(todo, S, n), "sequences") as bar:
         for done, s in enumerate(todo, start=hi - lo - len(todo) + 1):
             parts, shard_skipped = [], []
             for j, b0 in enumerate(range(s * S, min(n, (s + 1) * S), ex.batch_size)):
@@ -187,7 +188,9 @@ def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: Sta
                     ctx.oom_recovered(batch=batch_no, skipped=skipped, splits=ooms, stage="extract")
                 if part_:
                     parts.append(part_)
-                tokens_done += int(mask[b0:b1].sum())
+                batch_tokens = int(mask[b0:b1].sum())
+                tokens_done += batch_tokens
+                bar.advance(b1 - b0, tokens=batch_tokens)
             if not parts:
                 raise NexusError(f"extract {teacher.teacher_id} on {dataset}: every sequence of shard {s} ran out of "
                                  f"memory; lower --extract-seq-len or use --sli always")
@@ -199,8 +202,8 @@ def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: Sta
                                  "shard": s, "k": ex.top_k, "seq_len": ex.seq_len, "tokenizer_fp": rows.tok_fp},
                        index=s, skipped=shard_skipped)
             rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
-            bar(done, rate)
-            ctx.progress(shard=done, shards=hi - lo, tokens=tokens_done, tokens_per_s=round(rate, 1))
+            ctx.progress(shard=done, shards=hi - lo, sequences=bar.done, sequences_total=block_rows, tokens=tokens_done,
+                         tokens_per_s=round(rate, 1))
     loop_s = time.perf_counter() - t0
 
     # 5. The block is done; the last job of the dataset writes manifest.json (one job: always).
@@ -209,6 +212,10 @@ def _extract_rows(cfg: Settings, teacher: Teacher, dataset: DatasetRef, ctx: Sta
 
 
 # --- one batch ---------------------------------------------------------------------------------
+
+def _rows_in(shard_ids, S: int, n: int) -> int:
+    return sum(min(n, (s + 1) * S) - s * S for s in shard_ids)
+
 
 def _batch_with_oom(runner, ids, mask, b0, b1, batch_no, oom_batches, ex, real_vocab, hidden_layers, device):
     """Targets for rows [b0, b1); on out-of-memory split in halves, skip a single row that still fails.
@@ -321,18 +328,3 @@ def _deterministic():
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn)
-
-
-@contextmanager
-def _progress_bar(total: int, done: int):
-    """A rich progress bar on stderr when it is a terminal; yields update(shards_done, tokens_per_s)."""
-    if not sys.stderr.isatty():
-        yield lambda *_: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("extract", total=total, completed=done, rate="")
-        yield lambda n, rate: bar.update(task, completed=n, rate=f"{rate:,.0f} tok/s")
