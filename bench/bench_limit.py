@@ -161,7 +161,7 @@ def measure(name: str, model_dir: Path, batches: int, batch_size: int, T: int, l
     # Evaluation's loss function on the same tokens (the full model; run_distill evaluates the student this way).
     model = runner.model
     t0 = time.perf_counter()
-    lm_loss(model_logits(model), ids, mask, V, "cpu")
+    lm_loss(model_logits(model), ids, mask, None, V, "cpu")
     ev_s = time.perf_counter() - t0
     ev_tokens = int(mask.numel())
     ev_bound = 2 * (body + head) / flops + log_softmax_seconds_per_position(V, chunk)

@@ -182,8 +182,8 @@ def evaluate(model, cfg, paths, tok, vocab) -> dict:
     model.eval()
     out = {}
     for d in kw.DATASETS:
-        ids, mask = heldout(cfg, paths, tok, d)
-        out[d] = lm_loss(model_logits(model), ids, mask, vocab, "cpu")["loss"]
+        ids, mask, chars = heldout(cfg, paths, tok, d)
+        out[d] = lm_loss(model_logits(model), ids, mask, chars, vocab, "cpu")["loss"]
     model.train()
     return out
 

@@ -56,3 +56,13 @@ def test_pipeline_runs_with_two_teachers_of_different_tokenizers(demo_workdir, u
     noted = [e for e in of_type(events, "StageProgress", "distill") if e.data.get("note") == "TeacherSignalsAligned"]
     assert noted and set(noted[0].data["teacher_usage"]) == {"tiny", "uni"}
     assert (paths.release / "config.json").exists()
+    # Every teacher is evaluated, the other tokenizer on the same held-out texts packed with its own; the
+    # report compares them with the student per character.
+    ev = json.loads((paths.results / "eval.json").read_text())["datasets"]
+    report = json.loads((paths.results / "report.json").read_text())["domains"]
+    for d in ("reasoning/arith", "code/snippets"):
+        tiny, uni = ev[d]["teachers"]["tiny"], ev[d]["teachers"]["uni"]
+        assert tiny["tokenizer"] == "primary" and uni["tokenizer"] == "own", ev[d]
+        assert uni["loss_per_char"] > 0 and ev[d]["student"]["loss_per_char"] > 0
+        assert report[d]["unit"] == "nats/char" and set(report[d]["teachers"]) == {"tiny", "uni"}
+        assert report[d]["teachers"]["uni"] == uni["loss_per_char"]

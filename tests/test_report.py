@@ -34,8 +34,10 @@ def test_report_after_a_full_run_matches_the_artefacts(demo_workdir, redis_conn,
     ev = json.loads((paths.results / "eval.json").read_text())
     assert set(rep["domains"]) == set(ev["datasets"]) == {"reasoning/arith", "code/snippets"}
     for d, m in ev["datasets"].items():
-        assert rep["domains"][d]["student"] == m["student"]["loss"]
-        assert rep["domains"][d]["teachers"] == {t: v["loss"] for t, v in m["teachers"].items()}
+        # per character: the scale on which teachers of any tokenizer, the student and the baseline compare
+        assert rep["domains"][d]["unit"] == "nats/char"
+        assert rep["domains"][d]["student"] == m["student"]["loss_per_char"]
+        assert rep["domains"][d]["teachers"] == {t: v["loss_per_char"] for t, v in m["teachers"].items()}
         assert rep["domains"][d]["teachers"]["tiny"] > 0
     router = json.loads((paths.router_dir / "router.json").read_text())
     assert rep["router"]["heldout_accuracy"] == router["heldout_accuracy"]
@@ -51,7 +53,7 @@ def test_report_after_a_full_run_matches_the_artefacts(demo_workdir, redis_conn,
         assert _valid_png(png), png
         assert f"]({png.name})" in md.read_text()
     text = md.read_text()
-    assert f"{ev['datasets']['reasoning/arith']['student']['loss']:.4f}" in text
+    assert f"{ev['datasets']['reasoning/arith']['student']['loss_per_char']:.4f}" in text
     assert "CE baseline" in text  # said to be absent, not silently dropped
 
 

@@ -1,8 +1,10 @@
 """Held-out evaluation: loss and perplexity of the student and of each teacher, per dataset.
 
-The held-out split is the fixed hash split of data.py, which extraction never sees; it is
-packed with the primary teacher's tokenizer. A teacher is evaluated only when its
-tokenizer agrees with the primary's (same ids, so the same token-level loss).
+The held-out split is the fixed hash split of data.py, which extraction never sees. The student
+(and a teacher sharing the primary's tokenizer) is scored on it packed with the primary's tokenizer;
+a teacher with another tokenizer on the same texts packed with its own. Every entry has nats per
+token and, where the tokenizer gives character offsets, nats per character: the scale on which
+teachers with different tokenizers, the student and the baseline compare (the report uses it).
 """
 
 from __future__ import annotations
@@ -24,21 +26,28 @@ MAX_HELDOUT_SEQUENCES = 64
 
 
 def heldout(cfg: Settings, paths: Paths, tokenizer, dataset: str):
-    """(input_ids int32 [n, T], attention_mask uint8 [n, T]) of a dataset's held-out split, or None."""
+    """(input_ids int32 [n, T], attention_mask uint8 [n, T], chars int64 [n, T] or None) of a dataset's
+    held-out split, or None; chars[i, t] is how many characters token t covers (the per-character scale)."""
     texts = data.load_texts(paths, data.DatasetRef.parse(dataset), cfg.extract.text_field)
     _, held = data.split(texts, cfg.extract.heldout_fraction)
     if not held:
         return None
     try:
-        return data.pack(tokenizer, held, cfg.extract.seq_len, MAX_HELDOUT_SEQUENCES)
+        try:
+            ids, mask, cs, ce = data.pack_with_offsets(tokenizer, held, cfg.extract.seq_len, MAX_HELDOUT_SEQUENCES)
+            return ids, mask, (ce - cs).clamp(min=0)  # the special prefix and padding cover no text
+        except NotImplementedError:  # a slow tokenizer has no offsets: per token only
+            return (*data.pack(tokenizer, held, cfg.extract.seq_len, MAX_HELDOUT_SEQUENCES), None)
     except DatasetError:
         return None
 
 
 @torch.no_grad()
-def lm_loss(logits_fn, ids: torch.Tensor, mask: torch.Tensor, vocab: int, device: str, batch_size: int = 8) -> dict:
-    """Mean next-token cross-entropy over real positions; logits_fn(ids, mask) -> (b, T, V)."""
-    total, count = 0.0, 0
+def lm_loss(logits_fn, ids: torch.Tensor, mask: torch.Tensor, chars: torch.Tensor | None, vocab: int, device: str,
+            batch_size: int = 8) -> dict:
+    """Mean next-token cross-entropy over real positions, per token and (with `chars`) per character of
+    the target tokens; logits_fn(ids, mask) -> (b, T, V)."""
+    total, count, n_chars = 0.0, 0, 0
     for i in range(0, ids.shape[0], batch_size):
         x = ids[i:i + batch_size].long().to(device)
         m = mask[i:i + batch_size].long().to(device)
@@ -48,8 +57,13 @@ def lm_loss(logits_fn, ids: torch.Tensor, mask: torch.Tensor, vocab: int, device
         progress.advance(x.shape[0], tokens=int(m.sum()))  # the caller's bar, if it opened one
         total += nll[real].double().sum().item()
         count += int(real.sum())
+        if chars is not None:
+            n_chars += int(chars[i:i + batch_size, 1:].to(device)[real].sum())
     loss = total / max(count, 1)
-    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4), "tokens": count}
+    out = {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4), "tokens": count}
+    if n_chars:
+        out.update(loss_per_char=round(total / n_chars, 6), chars=n_chars)
+    return out
 
 
 def model_logits(model):
@@ -109,14 +123,26 @@ def evaluate(cfg: Settings, plan: DistillPlan, paths: Paths, student, tokenizer,
     if not teachers:
         return out
     for t in plan.teachers:
+        batches, t_vocab = sets, vocab
         if not _same_tokenizer(profiles, plan, t, tokenizer):
-            log.info("distill.eval_teacher_skipped", teacher=t.teacher_id, reason="different tokenizer")
-            continue
+            # Another tokenizer: the same texts packed with its own, compared per character.
+            from nexus_core.teachers.loading import tokenizer_from
+
+            t_tok = tokenizer_from(t.path, t.trust_remote_code)
+            batches = {d: heldout(cfg, paths, t_tok, d) for d in out if d in plan.teacher_datasets(t)}
+            batches = {d: b for d, b in batches.items() if b is not None and b[2] is not None}
+            t_vocab = len(t_tok)
+            if not batches:
+                log.info("distill.eval_teacher_skipped", teacher=t.teacher_id,
+                         reason="different tokenizer without character offsets")
+                continue
         fn, close = _teacher_logits_fn(profiles.get(t.teacher_id) or {}, t, device)
         try:
             for d in out:
-                if d in plan.teacher_datasets(t):
-                    out[d]["teachers"][t.teacher_id] = lm_loss(fn, *sets[d], vocab, device)
+                if d in plan.teacher_datasets(t) and batches.get(d) is not None:
+                    entry = lm_loss(fn, *batches[d], t_vocab, device)
+                    entry["tokenizer"] = "primary" if batches is sets else "own"
+                    out[d]["teachers"][t.teacher_id] = entry
         finally:
             close()
     return out
