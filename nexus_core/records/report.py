@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nexus_core.paths import Paths
 from nexus_core.records.events import read_events
-from nexus_core.records.state import replay
+from nexus_core.records.state import StageStatus, replay
 from nexus_core.storage.atomic import atomic_path, write_json, write_text
 
 STAGES = ("profile", "extract", "distill", "router")
@@ -165,7 +165,11 @@ def _teachers(paths: Paths, state, missing: list[str]) -> tuple[list[dict], dict
     for t in sorted(state.teachers.values(), key=lambda t: t.teacher_id):
         row = {"teacher_id": t.teacher_id, "active": t.active, "path": t.teacher.path,
                "status": t.teacher.status}
-        prof = _read_json(paths.profiles / f"{t.teacher_id}.json", missing, f"profile of {t.teacher_id}")
+        failed = _profile_failure(state, t.teacher_id)
+        if failed:  # left out of the plan: say why here too, not only on the console
+            row["failed"] = failed
+        prof = None if failed else _read_json(paths.profiles / f"{t.teacher_id}.json", missing,
+                                              f"profile of {t.teacher_id}")
         if prof:
             row.update({k: prof.get(k) for k in ("model_type", "params", "layers", "hidden", "mode", "mode_reason",
                                                  "critical_layers")})
@@ -173,6 +177,14 @@ def _teachers(paths: Paths, state, missing: list[str]) -> tuple[list[dict], dict
                 importance[t.teacher_id] = prof["layer_importance"]
         teachers.append(row)
     return teachers, importance
+
+
+def _profile_failure(state, teacher_id: str) -> str | None:
+    """The error of the teacher's latest profile job when it failed (e.g. `--sli always` on a teacher SLI
+    cannot stream, an architecture Nexus cannot load), else None."""
+    jobs = [s for s in state.stages.values() if s.stage == "profile" and s.teacher_id == teacher_id]
+    last = max(jobs, key=lambda s: s.failed_seq or 0, default=None)
+    return last.error if last is not None and last.status == StageStatus.FAILED else None
 
 
 def _skipped(events, state) -> dict:
@@ -344,6 +356,10 @@ def render(data: dict, plots: dict, plot_error: str | None = None) -> str:
         params = f"{t['params'] / 1e6:.2f}M" if isinstance(t.get("params"), int) else "–"
         L.append(f"| {t['teacher_id']}{'' if t['active'] else ' (removed)'} | {t.get('model_type') or '–'} | {params} | "
                  f"{t.get('layers') or '–'} | {t.get('mode') or '–'} | {t.get('critical_layers') or '–'} |")
+    failed = [t for t in data["teachers"] if t.get("failed")]
+    if failed:
+        L += ["", "Left out of the plan (profile failed):", ""]
+        L += [f"- {t['teacher_id']}: {' '.join(str(t['failed']).split())[:500]}" for t in failed]
     L += ["", f"Datasets: {', '.join(data['datasets']) or 'none'}.", "", "## Held-out loss per domain", ""]
     if data["domains"]:
         tids = sorted({t for m in data["domains"].values() for t in m["teachers"]})
