@@ -150,7 +150,8 @@ def run_pipeline(paths: Paths, cfg: Settings, console=None) -> int:
                 if not result.created and queue_for(conn).count == 0:
                     break
             code = _outcome(paths, run_seq, last_plan["router"], last_plan["rejected"], interrupted)
-            if code == 0:  # the plan completed: results/report.md + report.json (a failure here costs no work)
+            if not interrupted:  # results/report.md + report.json, also after failures: they name what failed and
+                # why (a failure here costs no work)
                 try:
                     from nexus_core.records.report import build_report
 

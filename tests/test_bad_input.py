@@ -89,6 +89,11 @@ def test_every_bad_teacher_is_reported_and_the_good_one_completes(workdir, tiny_
     assert done == {"profile", "extract", "distill", "router"}
     assert all(e.teacher_id in (None, "tiny") for e in of_type(events, "StageCompleted"))
     assert not (paths.memory / "evil").exists() and not (paths.home.parent / "evil").exists()
+    # the report names each teacher left out of the plan, with its profile's one-line reason
+    report = json.loads((paths.results / "report.json").read_text())
+    failed_rows = {t["teacher_id"]: t["failed"] for t in report["teachers"] if t.get("failed")}
+    assert set(failed_rows) == set(failing) and all(w in failed_rows[t] for t, w in failing.items())
+    assert "Left out of the plan" in (paths.results / "report.md").read_text()
 
 
 def test_bad_datasets_fail_their_extract_and_the_good_ones_complete(workdir, tiny_teacher_dir, redis_conn, redis_url):
