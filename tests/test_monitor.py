@@ -168,7 +168,9 @@ def test_file_sensor_pause_extend_resume(workdir, conn):
         assert 0 < ttl_ms <= 300
         assert json.loads(raw) == {"cmd": "pause", "seconds": 0.3, "reason": "thermal", "temp_c": 90.0}
         assert next_control(pubsub) == {"cmd": "pause", "seconds": 0.3, "reason": "thermal", "temp_c": 90.0}
-        pause_events = [e for e in read_events(paths.log) if e.type == "ThermalPause"]
+        # the monitor sets the key, publishes, then appends the event: wait for the log, don't race it
+        pause_events = wait_until(lambda: [e for e in read_events(paths.log) if e.type == "ThermalPause"],
+                                  what="the ThermalPause event")
         assert len(pause_events) == 1
         assert pause_events[0].data == {"temp_c": 90.0, "threshold_c": 83.0, "seconds": 0.3, "throttle_reasons": []}
 
