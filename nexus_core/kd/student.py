@@ -202,10 +202,14 @@ def calibration_rows(plan: DistillPlan, paths: Paths, n: int) -> tuple[torch.Ten
     ids, masks = [], []
     for d in datasets:
         folder = paths.shard_dir(teacher.teacher_id, DatasetRef.parse(d).slug)
-        for f in sorted(folder.glob("shard-*.safetensors"))[:1]:
+        taken = 0
+        for f in sorted(folder.glob("shard-*.safetensors")):
+            if taken >= per:
+                break
             with safe_open(str(f), "pt") as h:
-                ids.append(h.get_tensor("input_ids")[:per].long())
-                masks.append(h.get_tensor("attention_mask")[:per].long())
+                ids.append(h.get_tensor("input_ids")[:per - taken].long())
+                masks.append(h.get_tensor("attention_mask")[:per - taken].long())
+            taken += ids[-1].shape[0]
     if not ids:
         return None, None
     return torch.cat(ids)[:n], torch.cat(masks)[:n]
