@@ -150,3 +150,23 @@ def test_student_params_setting_is_checked(tmp_path):
         load_settings(tmp_path, environ={}, student={"params": "lots"})
     assert width.target_params("60M", 10**9) == 60_000_000 and width.target_params("0.5", 1000) == 500
     assert width.target_params("", 1000) is None
+
+
+@pytest.mark.slow
+def test_nexus_run_with_student_params_releases_the_narrow_student(tmp_path, redis_conn, redis_url):
+    import json
+
+    from nexus_core.demo import model_factory as mf
+    from tests.helpers import ARITH, CODE, ENV, completed_once, make_workdir, nexus
+
+    d = mf.make_teacher(tmp_path / "teachers" / "llama", ARITH + CODE, arch="llama", vocab_size=300, hidden=32,
+                        layers=4, heads=4, kv_heads=2, intermediate=64, max_pos=64)
+    paths = make_workdir(tmp_path, d)
+    result = nexus(paths, "run", "--student-params", "0.3", "--student-layer-ratio", "1", redis_url=redis_url,
+                   env_extra=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    completed_once(paths)
+    released = json.loads((paths.release / "config.json").read_text())
+    teacher = json.loads((d / "config.json").read_text())
+    assert released["num_hidden_layers"] == 4 and released["intermediate_size"] == 16  # the MLP floor
+    assert released["hidden_size"] < teacher["hidden_size"]
