@@ -170,3 +170,29 @@ def test_nexus_run_with_student_params_releases_the_narrow_student(tmp_path, red
     teacher = json.loads((d / "config.json").read_text())
     assert released["num_hidden_layers"] == 4 and released["intermediate_size"] == 16  # the MLP floor
     assert released["hidden_size"] < teacher["hidden_size"]
+
+
+def test_a_moe_teachers_dense_student_is_width_pruned_too(tmp_path):
+    from nexus_core.demo import model_factory as mf
+    from nexus_core.errors import BadInputError
+    from nexus_core.storage.profiles import read_profile
+    from tests.helpers import DOCS, setup_home
+
+    sizes = dict(hidden=32, layers=4, heads=4, kv_heads=2, intermediate=16, max_pos=64, experts=4, experts_per_tok=2)
+    d = mf.make_teacher(tmp_path / "qwen3_moe", DOCS, arch="qwen3_moe", vocab_size=300, **sizes)
+    cfg, teacher, ref, paths = setup_home(tmp_path / "home", d)
+    profile, plan = read_profile(paths, "tiny"), DistillPlan(teachers=(teacher,), primary="tiny", datasets=(ref.key,))
+    seed, dense = build_student(cfg, plan, paths, "cpu", profile)
+    target = int(dense["params"] * 0.9)
+    student, info = build_student(_with(cfg, params=str(target)), plan, paths, "cpu", profile)
+    assert student.config.model_type == "qwen3" and info["params"] <= target
+    assert student.config.intermediate_size < seed.config.intermediate_size
+    assert "no shards" in info["width"]["ranked_on"]
+    assert info["mlp_from_experts"]  # seeded from the busiest experts first, then narrowed
+
+    d = mf.make_teacher(tmp_path / "deepseek_v3", DOCS, arch="deepseek_v3", vocab_size=300, **sizes)
+    cfg, teacher, ref, paths = setup_home(tmp_path / "home2", d)
+    plan = DistillPlan(teachers=(teacher,), primary="tiny", datasets=(ref.key,))
+    with pytest.raises(BadInputError, match="llama-style"):
+        build_student(_with(cfg, params="0.1"), plan, paths, "cpu", read_profile(paths, "tiny"))
+
