@@ -3,7 +3,8 @@
 Depth pruning keeps the layers the profile ranks most important (block influence), in
 their original order, and copies embeddings, norms and head, so the student starts from
 the teacher's knowledge. Weights are read tensor by tensor from the teacher's safetensors
-files, so the teacher itself is never loaded whole. When the pruned student would not fit
+files, so the teacher itself is never loaded whole. With `--student-params` the kept layers are
+then width-pruned to the size asked for (kd/width.py). When the pruned student would not fit
 the memory budget, it is built from `cfg.student.config` (an HF config) instead.
 """
 
@@ -122,7 +123,8 @@ def _copy_from_model(model, teacher_dir: Path, kept: list[int], trust_remote_cod
 
 
 def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, profile: dict):
-    """A fresh student for the plan. Returns (model, info) with info = {source, kept_layers, params}."""
+    """A fresh student for the plan. Returns (model, info) with info = {source, kept_layers, params} (+ width
+    when --student-params narrowed it)."""
     from transformers import AutoConfig
 
     teacher = plan.primary_teacher
@@ -147,7 +149,7 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
         return model, info
     if not cfg.student.config:
         raise BadInputError(
-            f"the depth-pruned student ({params:,} parameters, ~{need / 1e9:.1f} GB to train) does not fit the "
+            f"the {'width' if shape else 'depth'}-pruned student ({params:,} parameters, ~{need / 1e9:.1f} GB to train) does not fit the "
             f"memory budget ({budget / 1e9:.1f} GB): set --student-layers lower, or --student-config to an HF "
             f"config.json for a smaller student built from scratch")
     path = Path(cfg.student.config).expanduser()
