@@ -75,6 +75,19 @@ class StudentSettings:
     layer_ratio: float = setting(0.5, "share of the primary teacher's layers the student keeps")
     layers: int = setting(0, "layers the student keeps (overrides layer_ratio when > 0)")
     config: str = setting("", "HF config.json path for a student built from scratch (empty: depth-prune)")
+    params: str = setting("", "student size: a count such as 60M or 1.2B, or a share of the primary teacher "
+                          "such as 0.5; the kept layers are then width-pruned (MLP channels, then KV head "
+                          "groups, then hidden channels) to at most that many parameters (empty: depth only)")
+
+    def __post_init__(self):
+        if self.params:
+            try:
+                n = parse_count(self.params)
+            except ValueError:
+                n = 0
+            if n <= 0:
+                raise ConfigError(f"--student-params {self.params!r}: use a count such as 60M or 1.2B, or a share "
+                                  f"of the primary teacher such as 0.5")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Depth pruning keeps the layers the profile ranks most important (block influence), in
 their original order, and copies embeddings, norms and head, so the student starts from
 the teacher's knowledge. Weights are read tensor by tensor from the teacher's safetensors
-files, so the teacher itself is never loaded whole. When the pruned student would not fit
+files, so the teacher itself is never loaded whole. With `--student-params` the kept layers are
+then width-pruned to the size asked for (kd/width.py). When the pruned student would not fit
 the memory budget, it is built from `cfg.student.config` (an HF config) instead.
 """
 
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import structlog
 import torch
+from safetensors import safe_open
 
 from nexus_core.config import Settings, parse_bytes
+from nexus_core.data import DatasetRef
 from nexus_core.errors import BadInputError
-from nexus_core.kd import dense_student
+from nexus_core.kd import dense_student, width
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
 from nexus_core.teachers.loading import load_config, load_model
@@ -120,7 +123,8 @@ def _copy_from_model(model, teacher_dir: Path, kept: list[int], trust_remote_cod
 
 
 def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, profile: dict):
-    """A fresh student for the plan. Returns (model, info) with info = {source, kept_layers, params}."""
+    """A fresh student for the plan. Returns (model, info) with info = {source, kept_layers, params} (+ width
+    when --student-params narrowed it)."""
     from transformers import AutoConfig
 
     teacher = plan.primary_teacher
@@ -129,22 +133,23 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
     kept = pick_layers(profile.get("layer_importance"), L, keep_count(cfg, L))
     moe = dense_student.is_moe(t_config)  # a MoE teacher seeds its dense sibling (kd/dense_student.py)
     s_config = dense_student.dense_config(t_config, kept) if moe else pruned_config(t_config, kept)
-    params = count_params(s_config)
+    seed_params = count_params(s_config)
+    shape, target = _width_target(cfg, t_config, s_config, seed_params)
+    params = count_params(width.shaped_config(s_config, shape)) if shape else seed_params
     need, budget = int(params * TRAIN_BYTES_PER_PARAM * ACTIVATION_MARGIN), memory_budget(cfg, device)
     if need <= budget:
         torch.manual_seed(cfg.run.seed)
-        model = model_from_config(s_config)
+        model = model_from_config(s_config)  # the seed: kept layers at the teacher's full width
         if moe:
-            return model, _seed_dense(model, teacher, t_config, kept, profile, params)
-        missing = _copy_from_weights(model, Path(teacher.path), kept)
-        if missing:
-            _copy_from_model(model, Path(teacher.path), kept, teacher.trust_remote_code)
-        log.info("distill.student", source="depth-pruned", teacher=teacher.teacher_id, kept_layers=kept,
-                 teacher_layers=L, params=params, importance="profile" if profile else "evenly spaced (no profile)")
-        return model, {"source": "pruned", "kept_layers": kept, "teacher_layers": L, "params": params}
+            info = _seed_dense(model, teacher, t_config, kept, profile, seed_params)
+        else:
+            info = _seed_pruned(model, teacher, kept, L, profile, seed_params)
+        if shape:
+            model, info = _narrow(cfg, plan, paths, model, info, shape, target)
+        return model, info
     if not cfg.student.config:
         raise BadInputError(
-            f"the depth-pruned student ({params:,} parameters, ~{need / 1e9:.1f} GB to train) does not fit the "
+            f"the {'width' if shape else 'depth'}-pruned student ({params:,} parameters, ~{need / 1e9:.1f} GB to train) does not fit the "
             f"memory budget ({budget / 1e9:.1f} GB): set --student-layers lower, or --student-config to an HF "
             f"config.json for a smaller student built from scratch")
     path = Path(cfg.student.config).expanduser()
@@ -162,6 +167,70 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
                 reason=f"the depth-pruned student (~{need / 1e9:.1f} GB to train) exceeds the memory budget "
                        f"({budget / 1e9:.1f} GB); built from --student-config with {teacher.teacher_id}'s tokenizer")
     return model, {"source": "config", "kept_layers": [], "teacher_layers": L, "params": params}
+
+
+def _seed_pruned(model, teacher, kept: list[int], L: int, profile: dict, params: int) -> dict:
+    """Copy the kept layers, embeddings, norms and head from the teacher's weights."""
+    missing = _copy_from_weights(model, Path(teacher.path), kept)
+    if missing:
+        _copy_from_model(model, Path(teacher.path), kept, teacher.trust_remote_code)
+    log.info("distill.student", source="depth-pruned", teacher=teacher.teacher_id, kept_layers=kept,
+             teacher_layers=L, params=params, importance="profile" if profile else "evenly spaced (no profile)")
+    return {"source": "pruned", "kept_layers": kept, "teacher_layers": L, "params": params}
+
+
+def _width_target(cfg: Settings, t_config, s_config, seed_params: int) -> tuple[width.Shape | None, int | None]:
+    """The widths --student-params asks for (None: no width pruning, the depth-pruned seed as is)."""
+    if not cfg.student.params:
+        return None, None
+    target = width.target_params(cfg.student.params, count_params(t_config))
+    if not width.supports(s_config):
+        raise BadInputError(f"--student-params: width pruning supports llama-style students (llama, mistral, "
+                            f"qwen2, qwen3), not {s_config.model_type}; leave it empty to depth-prune only")
+    shape = width.choose_shape(s_config, target, count_params)
+    if shape == width.teacher_shape(s_config):
+        log.warning("distill.student_width", target=target, params=seed_params,
+                    note="the depth-pruned student is already at or under --student-params; raise "
+                         "--student-layer-ratio to spend the rest of the budget on layers")
+        return None, target
+    return shape, target
+
+
+def calibration_rows(plan: DistillPlan, paths: Paths, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Up to n packed rows (input_ids, attention_mask) from the primary teacher's shards, spread over its datasets."""
+    teacher = plan.primary_teacher
+    datasets = plan.teacher_datasets(teacher)
+    per = -(-n // max(len(datasets), 1))
+    ids, masks = [], []
+    for d in datasets:
+        folder = paths.shard_dir(teacher.teacher_id, DatasetRef.parse(d).slug)
+        taken = 0
+        for f in sorted(folder.glob("shard-*.safetensors")):
+            if taken >= per:
+                break
+            with safe_open(str(f), "pt") as h:
+                ids.append(h.get_tensor("input_ids")[:per - taken].long())
+                masks.append(h.get_tensor("attention_mask")[:per - taken].long())
+            taken += ids[-1].shape[0]
+    if not ids:
+        return None, None
+    return torch.cat(ids)[:n], torch.cat(masks)[:n]
+
+
+def _narrow(cfg: Settings, plan: DistillPlan, paths: Paths, seed, info: dict, shape, target: int):
+    """Width-prune the seed to `shape`, keeping the channels that are busiest on calibration rows."""
+    rows, mask = calibration_rows(plan, paths, max(cfg.profile.calibration_samples, 1))
+    imp = width.measure(seed.eval(), rows, mask)
+    model, _kept = width.narrow(seed, shape, imp)
+    params = sum(p.numel() for p in model.parameters())
+    ranked_on = f"{rows.shape[0]} calibration rows of {plan.primary}'s shards" if rows is not None else \
+        "nothing (no shards yet: the first channels kept)"
+    shape_d = {"layers": model.config.num_hidden_layers, "hidden": shape.hidden,
+               "intermediate": shape.intermediate, "heads": model.config.num_attention_heads,
+               "kv_heads": shape.kv_groups}
+    log.info("distill.student_width", target=target, params=params, shape=shape_d, ranked_on=ranked_on)
+    return model, {**info, "source": f"{info['source']}, width-pruned", "params": params,
+                   "width": {"target": target, **shape_d, "ranked_on": ranked_on}}
 
 
 def _seed_dense(model, teacher, t_config, kept: list[int], profile: dict, params: int) -> dict:
