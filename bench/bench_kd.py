@@ -212,10 +212,12 @@ def main() -> None:
                     "T, lr, steps)")
     ap.add_argument("--seeds", type=int, help=f"student seeds (data order), at most {len(SEEDS)}; losses are "
                     "averaged over them (default 3; quick 1)")
-    ap.add_argument("--augment", type=int, default=0, help="extract.augment for the KD student: it also trains on "
-                    "this many teacher-perturbed copies of the distillation sequences (nexus_core/augment.py)")
+    ap.add_argument("--augment", type=int, default=-1, help="extract.augment for the KD student: it also trains on "
+                    "this many teacher-perturbed copies of the distillation sequences (nexus_core/augment.py); "
+                    "default -1: the product's automatic rule (augment.resolve); 0: off")
     ap.add_argument("--augment-p", type=float, default=0.15, help="share of tokens a perturbed copy replaces")
-    ap.add_argument("--augment-samples", type=int, default=0, help="extract.augment_samples for the KD student: "
+    ap.add_argument("--augment-samples", type=int, default=-1, help="extract.augment_samples for the KD student "
+                    "(default -1: the automatic rule; 0: off): "
                     "continuations of each sequence's first tokens sampled from the teacher")
     ap.add_argument("--augment-temperature", type=float, default=0.8)
     ap.add_argument("--ce-on-new-rows", action="store_true", help="a control: the plain fine-tune also trains on the "
@@ -356,10 +358,10 @@ def _ce_at(v: dict, steps: int) -> str:
 
 
 def _aug_text(a: dict) -> str:
-    parts = []
-    if a.get("augment"):
+    parts = ["the automatic rule (augment.resolve)"] if -1 in (a.get("augment"), a.get("augment_samples")) else []
+    if a.get("augment", 0) > 0:
         parts.append(f"{a['augment']} perturbed copies of each, p={a['augment_p']}")
-    if a.get("augment_samples"):
+    if a.get("augment_samples", 0) > 0:
         parts.append(f"{a['augment_samples']} samples from each one's first tokens at T={a['augment_temperature']}")
     return "extract.augment*: " + "; ".join(parts)
 
