@@ -84,7 +84,9 @@ class StudentSettings:
 @dataclass
 class DistillSettings:
     epochs: int = setting(1, "passes over the training shards (max_steps wins when reached first)")
-    max_steps: int = setting(200, "optimizer steps (0 = epochs decide)")
+    max_steps: int = setting(800, "optimizer steps (0 = epochs decide); 800: what a pretrained, pruned student "
+                             "needs to take in a small dataset with its automatic augmentation (bench_kd: 88 % / 92 % "
+                             "of the gap to the teacher closed, 66 % / 59 % at 200)")
     batch_size: int = setting(8, "sequences per micro-batch")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     lr: float = setting(1e-3, "peak learning rate (AdamW)")

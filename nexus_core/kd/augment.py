@@ -15,8 +15,8 @@ aligned onto them, and the plain fine-tune baseline (baseline.py) never reads th
 
 The automatic rule (resolve(); the settings' default -1 means "auto", an explicit 0 or number wins):
 - copies when a dataset packs to fewer than AUTO_BELOW (512) training sequences: AUTO_COPIES (16)
-  each. Why 512: below it the default distill (max_steps 200 x batch 8 = 1600 sequences) would pass
-  over the real rows several times, which is where bench_kd's KD student overfits; the copies cost
+  each. Why 512: below it the default distill (max_steps 800 x batch 8 = 6400 sequences) would pass
+  over the real rows more than a dozen times, which is where bench_kd's KD student overfits; the copies cost
   16 more labelling passes over at most 511 rows (8k sequences: about 4x the extraction of a dataset
   at the default max_samples 2000), cheap beside what they buy (BENCHMARKS.md kd_augment).
 - samples when a dataset packs to fewer than AUTO_SAMPLES_BELOW (128) training sequences and the
