@@ -191,6 +191,7 @@ def time_steps(home: Path, spec: Spec, plan: DistillPlan, n_pairs: int, alpha: f
 # overfits the small distillation set (code: 3.96 nats at 1e-3 vs 3.42 at 1e-4), and a gap measured
 # against an overfitted baseline overstates what KD closes.
 CE_LRS = (1e-4, 3e-4, 1e-3)
+CE_EARLY_STEPS = 200  # the plain fine-tune may also stop here (it overfits 96 sequences well before 800 steps)
 
 
 def main() -> None:
@@ -212,10 +213,12 @@ def main() -> None:
                     "T, lr, steps)")
     ap.add_argument("--seeds", type=int, help=f"student seeds (data order), at most {len(SEEDS)}; losses are "
                     "averaged over them (default 3; quick 1)")
-    ap.add_argument("--augment", type=int, default=0, help="extract.augment for the KD student: it also trains on "
-                    "this many teacher-perturbed copies of the distillation sequences (nexus_core/augment.py)")
+    ap.add_argument("--augment", type=int, default=-1, help="extract.augment for the KD student: it also trains on "
+                    "this many teacher-perturbed copies of the distillation sequences (nexus_core/augment.py); "
+                    "default -1: the product's automatic rule (augment.resolve); 0: off")
     ap.add_argument("--augment-p", type=float, default=0.15, help="share of tokens a perturbed copy replaces")
-    ap.add_argument("--augment-samples", type=int, default=0, help="extract.augment_samples for the KD student: "
+    ap.add_argument("--augment-samples", type=int, default=-1, help="extract.augment_samples for the KD student "
+                    "(default -1: the automatic rule; 0: off): "
                     "continuations of each sequence's first tokens sampled from the teacher")
     ap.add_argument("--augment-temperature", type=float, default=0.8)
     ap.add_argument("--ce-on-new-rows", action="store_true", help="a control: the plain fine-tune also trains on the "
@@ -267,7 +270,7 @@ def main() -> None:
     def compare(alpha_: float, t_: float, lr_: float, steps_: int, layers: int, seeds_) -> dict:
         """KD at one setting vs the plain fine-tune at its best lr per domain, same student and data, and at
         most as many steps: with more steps than the default it may also stop at the default (early stopping)."""
-        budgets = sorted({min(steps_, DistillSettings().max_steps), steps_})
+        budgets = sorted({min(steps_, CE_EARLY_STEPS), steps_})
         ce = {(c, n): seed_mean([get(0.0, 1.0, c, n, layers, s) for s in seeds_])
               for c in sorted({*CE_LRS, lr_}) for n in budgets}
         kd_runs = [get(alpha_, t_, lr_, steps_, layers, s) for s in seeds_]
@@ -356,10 +359,10 @@ def _ce_at(v: dict, steps: int) -> str:
 
 
 def _aug_text(a: dict) -> str:
-    parts = []
-    if a.get("augment"):
+    parts = ["the automatic rule (augment.resolve)"] if -1 in (a.get("augment"), a.get("augment_samples")) else []
+    if a.get("augment", 0) > 0:
         parts.append(f"{a['augment']} perturbed copies of each, p={a['augment_p']}")
-    if a.get("augment_samples"):
+    if a.get("augment_samples", 0) > 0:
         parts.append(f"{a['augment_samples']} samples from each one's first tokens at T={a['augment_temperature']}")
     return "extract.augment*: " + "; ".join(parts)
 
@@ -372,7 +375,7 @@ def table(s: dict) -> str:
     t, pd = s["timing"], s["per_domain"]
     lines = [f"KD vs plain fine-tune (CE): {s['steps']} steps x batch {s['batch_size']}, student seeds {s['seeds']} (losses "
              f"averaged); KD: alpha {s['alpha']}, T {s['temperature']}, lr {s['lr']}, k={s['spec']['top_k']} + tail; CE: "
-             f"the best of lr {s['ce_lrs']} (and of {DistillSettings().max_steps} steps when KD takes more) per "
+             f"the best of lr {s['ce_lrs']} (and of {CE_EARLY_STEPS} steps when KD takes more) per "
              f"domain; student = teacher layers {s['kept_layers']} of "
              f"{s['spec']['layers']}; teacher trained {s['teacher_steps']} steps; {s['spec']['distill_sequences']} distill "
              f"sequences x {s['spec']['seq_len']} tokens per domain"

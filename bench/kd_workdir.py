@@ -71,7 +71,9 @@ def settings(home: Path, spec, seed: int = SEEDS[0], student_layers: int = 0, au
     d.update(distill)
     return load_settings(home, environ={}, run={"device": "cpu", "seed": seed},
                          extract={"seq_len": spec.seq_len, "top_k": spec.top_k, "max_samples": spec.distill_sequences,
-                                  "shard_size": 64, "batch_size": 16, **(augment or {})},
+                                  "shard_size": 64, "batch_size": 16,
+                                  # no augmentation unless asked (the plain fine-tune's rows, the cache's shards)
+                                  **(augment or {"augment": 0, "augment_samples": 0})},
                          distill=d, memory={"budget": "8GB"}, student={"layers": student_layers})
 
 

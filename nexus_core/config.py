@@ -48,20 +48,24 @@ class ExtractSettings:
     text_field: str = setting("", "dataset text column; empty: text, prompt+response or question+answer")
     ranges: int = setting(1, "jobs per (teacher, dataset), each extracting a contiguous block of shards, so that "
                           "several workers (one per GPU) share one dataset; the shards are the same for any value")
-    augment: int = setting(0, "teacher-perturbed copies of each training sequence, labelled by the teacher too: "
-                           "more distillation inputs near the data (0 = off; costs this many more teacher passes)")
+    augment: int = setting(-1, "teacher-perturbed copies of each training sequence, labelled by the teacher too: "
+                           "more distillation inputs near the data (costs this many more teacher passes); -1 = auto: "
+                           "16 when a dataset packs to fewer than 512 training sequences, else 0; 0 = off")
     augment_p: float = setting(0.15, "share of tokens a perturbed copy replaces with a sample from the teacher")
-    augment_samples: int = setting(0, "continuations of each training sequence's first tokens sampled from the "
-                                   "teacher, labelled by it too (0 = off; one teacher pass per new token, no KV cache)")
+    augment_samples: int = setting(-1, "continuations of each training sequence's first tokens sampled from the "
+                                   "teacher, labelled by it too (one teacher pass per new token, no KV cache); -1 = "
+                                   "auto: 8 when a dataset packs to fewer than 128 training sequences and the teacher "
+                                   "is loaded whole (profile mode full; never when SLI-streamed), else 0; 0 = off")
     augment_temperature: float = setting(0.8, "temperature of those samples")
 
     def __post_init__(self):
         if self.ranges < 1:
             raise ConfigError(f"--extract-ranges must be >= 1, not {self.ranges}")
-        if self.augment < 0 or not 0.0 < self.augment_p < 1.0:
-            raise ConfigError("--extract-augment must be >= 0 and --extract-augment-p in (0, 1)")
-        if self.augment_samples < 0 or self.augment_temperature <= 0:
-            raise ConfigError("--extract-augment-samples must be >= 0 and --extract-augment-temperature > 0")
+        if self.augment < -1 or not 0.0 < self.augment_p < 1.0:
+            raise ConfigError("--extract-augment must be >= 0 (or -1: auto) and --extract-augment-p in (0, 1)")
+        if self.augment_samples < -1 or self.augment_temperature <= 0:
+            raise ConfigError("--extract-augment-samples must be >= 0 (or -1: auto) and "
+                              "--extract-augment-temperature > 0")
 
 
 @dataclass
@@ -93,7 +97,9 @@ class StudentSettings:
 @dataclass
 class DistillSettings:
     epochs: int = setting(1, "passes over the training shards (max_steps wins when reached first)")
-    max_steps: int = setting(200, "optimizer steps (0 = epochs decide)")
+    max_steps: int = setting(800, "optimizer steps (0 = epochs decide); 800: what a pretrained, pruned student "
+                             "needs to take in a small dataset with its automatic augmentation (bench_kd: 88 % / 92 % "
+                             "of the gap to the teacher closed, 66 % / 59 % at 200)")
     batch_size: int = setting(8, "sequences per micro-batch")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     lr: float = setting(1e-3, "peak learning rate (AdamW)")

@@ -40,11 +40,16 @@ ARITH = [f"What is {a} + {b}?\n{a} + {b} = {a + b}" for a in range(3, 60, 2) for
 CODE = [f"def add_{i}(x, y):\n    return x + y + {i}\n\n\nclass Box{i}:\n    value = {i}\n" for i in range(150)]
 
 
+# Tests state "no augmentation" explicitly: their datasets are all small, where extract.augment's automatic rule
+# (nexus_core/kd/augment.py) would turn it on and multiply the teacher passes; only the rule's own tests leave it on.
+NO_AUGMENT = {"NEXUS_EXTRACT_AUGMENT": "0", "NEXUS_EXTRACT_AUGMENT_SAMPLES": "0"}
+
 FAST_SETTINGS = {
     "NEXUS_EXTRACT_SEQ_LEN": "32", "NEXUS_EXTRACT_MAX_SAMPLES": "24", "NEXUS_EXTRACT_SHARD_SIZE": "8",
     "NEXUS_EXTRACT_TOP_K": "8", "NEXUS_EXTRACT_BATCH_SIZE": "4", "NEXUS_PROFILE_CALIBRATION_SAMPLES": "4",
     "NEXUS_DISTILL_MAX_STEPS": "6", "NEXUS_DISTILL_BATCH_SIZE": "4", "NEXUS_DISTILL_CHECKPOINT_EVERY": "2",
     "NEXUS_DISTILL_WARMUP_STEPS": "1", "NEXUS_ROUTER_EPOCHS": "5", "NEXUS_ROUTER_MAX_SAMPLES": "40",
+    **NO_AUGMENT,
 }
 
 
@@ -70,6 +75,7 @@ def register(paths: Paths, teacher_id: str, model_dir: Path, **extra) -> Path:
 def nexus_env(paths, redis_url: str | None, extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_") and k != "REDIS_URL"}
     env.update({"NEXUS_HOME": str(paths.home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(NO_AUGMENT)  # the automatic rule would augment every tiny test dataset (slow): off unless a test asks
     if redis_url:
         env["REDIS_URL"] = redis_url
     env.update(extra or {})
@@ -186,7 +192,7 @@ def setup_home(home: Path, teacher_dir: Path, docs=DOCS, **sections):
     (folder / "data.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     base = {"run": {"device": "cpu"}, "profile": {"calibration_samples": 4},
             "extract": {"seq_len": 32, "top_k": K, "batch_size": 4, "shard_size": 8, "max_samples": 0,
-                        "logit_chunk": 48}}
+                        "logit_chunk": 48, "augment": 0, "augment_samples": 0}}
     for sec, kv in sections.items():
         base.setdefault(sec, {}).update(kv)
     cfg = load_settings(home=home, environ={}, **base)
@@ -356,7 +362,8 @@ def tokenizer_fp(tok) -> str:
 
 
 def settings(home: Path, **sections):
-    base = {"run": {"device": "cpu", "seed": 7}, "extract": {"seq_len": 32, "top_k": 8, "max_samples": 24},
+    base = {"run": {"device": "cpu", "seed": 7}, "extract": {"seq_len": 32, "top_k": 8, "max_samples": 24, "augment": 0,
+                                                             "augment_samples": 0},
             "distill": {"batch_size": 4, "max_steps": 8, "epochs": 100, "warmup_steps": 2, "lr": 3e-3,
                         "checkpoint_every": 3, "keep_checkpoints": 2},
             "memory": {"budget": "8GB"}}

@@ -152,3 +152,88 @@ def test_nexus_run_with_augmentation_end_to_end(demo_workdir, redis_conn, redis_
     again = nexus(paths, "run", *flags, redis_url=redis_url)
     assert again.returncode == 0
     assert len(of_type(read_events(paths.log), "StageStarted")) == len(of_type(events, "StageStarted"))  # nothing redone
+
+
+# --- the automatic rule (augment.resolve): extract.augment / augment_samples default -1 = auto -------------
+
+def test_rule_turns_copies_on_for_a_small_dataset_samples_for_a_whole_teacher_and_an_explicit_value_wins():
+    from nexus_core.config import ExtractSettings
+    from nexus_core.errors import ConfigError
+
+    auto = ExtractSettings()
+    assert (auto.augment, auto.augment_samples) == (augment.AUTO, augment.AUTO)  # the defaults are "auto"
+    ex, d = augment.resolve(auto, 96, "full")
+    assert (ex.augment, ex.augment_samples) == (augment.AUTO_COPIES, augment.AUTO_SAMPLES) and augment.wanted(ex)
+    assert d["auto"] and d["copies"] == 16 and d["samples"] == 8 and "96 training sequences < 512" in d["reason"]
+    ex, d = augment.resolve(auto, 300, "full")  # copies yes, samples no
+    assert (ex.augment, ex.augment_samples) == (16, 0) and "300 training sequences >= 128" in d["reason"]
+    ex, d = augment.resolve(auto, augment.AUTO_BELOW, "full")  # a large dataset: off
+    assert (ex.augment, ex.augment_samples) == (0, 0) and not augment.wanted(ex) and d["auto"]
+    ex, d = augment.resolve(auto, 10, "sli")  # a streamed teacher: copies only
+    assert (ex.augment, ex.augment_samples) == (16, 0) and "streamed" in d["reason"]
+    ex, d = augment.resolve(ExtractSettings(augment=0, augment_samples=0), 10, "full")  # explicit 0 wins
+    assert (ex.augment, ex.augment_samples) == (0, 0) and not d["auto"] and "set explicitly" in d["reason"]
+    ex, d = augment.resolve(ExtractSettings(augment=3), 10_000, "full")  # an explicit number wins, samples stay auto
+    assert (ex.augment, ex.augment_samples) == (3, 0) and d["auto"]
+    with pytest.raises(ConfigError, match="--extract-augment"):
+        ExtractSettings(augment=-2)
+
+
+def test_nexus_toml_env_and_flags_can_switch_the_rule_off(tmp_path):
+    import argparse
+
+    from nexus_core.config import add_cli_flags, load_settings
+
+    home = tmp_path / "h"
+    home.mkdir()
+    assert load_settings(home, environ={}).extract.augment == augment.AUTO
+    (home / "nexus.toml").write_text("[extract]\naugment = 0\n")
+    assert load_settings(home, environ={}).extract.augment == 0
+    assert load_settings(home, environ={"NEXUS_EXTRACT_AUGMENT": "-1"}).extract.augment == augment.AUTO
+    ap = argparse.ArgumentParser()
+    add_cli_flags(ap)
+    cfg = load_settings(home, args=ap.parse_args(["--extract-augment-samples", "0"]), environ={})
+    assert (cfg.extract.augment, cfg.extract.augment_samples) == (0, 0)
+
+
+def _auto(tmp_path, teachers, name, **sections):
+    extract = {"augment": augment.AUTO, "augment_samples": 0, **sections.pop("extract", {})}
+    return setup_home(tmp_path / name, teachers["llama"][0], extract=extract, **sections)
+
+
+def test_rule_on_a_small_dataset_extracts_copies_records_why_and_distill_reads_them(tmp_path, teachers):
+    cfg, teacher, ref, paths = _auto(tmp_path, teachers, "a", extract={"max_samples": 6},
+                                     distill={"max_steps": 2, "batch_size": 4, "epochs": 100},
+                                     memory={"budget": "8GB"})
+    res = run_extract(cfg, teacher, ref, paths)
+    real_dir = paths.shard_dir("tiny", SLUG)
+    n = shards.read_manifest(real_dir)["planned_sequences"]
+    assert res.data["augment"] == {"copies": 16, "samples": 0, "auto": True,
+                                   "reason": f"{n} training sequences < 512: 16 perturbed copies; "
+                                             "set explicitly: augment_samples 0"}
+    aug = shards.read_manifest(augment.folder(real_dir))
+    assert aug["augment"] == {"copies": 16, "p": 0.15} and aug["augment_rule"]["auto"]
+    assert aug["total_sequences"] == 16 * n
+    plan = DistillPlan(teachers=(teacher,), primary="tiny", datasets=(ref.key,))
+    streams, _ = open_streams(cfg, plan, paths, read_profiles(paths, plan.teachers))  # distill resolves it the same way
+    assert [s.n for s in streams] == [n, 16 * n]
+    cfg_b, teacher_b, ref_b, paths_b = _auto(tmp_path, teachers, "b", extract={"max_samples": 6})
+    run_extract(cfg_b, teacher_b, ref_b, paths_b)  # same inputs: same shards, and the same settings fingerprint
+    assert files(augment.folder(paths_b.shard_dir("tiny", SLUG))) == files(augment.folder(real_dir))
+    assert cfg_b.fingerprint("extract") == cfg.fingerprint("extract")
+
+
+def test_rule_leaves_a_large_dataset_alone_and_an_sli_teacher_gets_no_samples(tmp_path, teachers, monkeypatch):
+    monkeypatch.setattr(augment, "AUTO_BELOW", 2)  # the tiny dataset counts as large
+    cfg, teacher, ref, paths = _auto(tmp_path, teachers, "large", extract={"max_samples": 6})
+    res = run_extract(cfg, teacher, ref, paths)
+    assert res.data["augment"]["copies"] == 0 and "augmented" not in res.data
+    assert not augment.folder(paths.shard_dir("tiny", SLUG)).exists()
+    plan = DistillPlan(teachers=(teacher,), primary="tiny", datasets=(ref.key,))
+    assert len(open_streams(cfg, plan, paths, read_profiles(paths, plan.teachers))[0]) == 1
+    monkeypatch.setattr(augment, "AUTO_BELOW", 512)
+    cfg, teacher, ref, paths = _auto(tmp_path, teachers, "sli", run={"sli": "always"},
+                                     extract={"augment": 0, "augment_samples": augment.AUTO, "max_samples": 6})
+    res = run_extract(cfg, teacher, ref, paths)
+    assert res.data["augment"]["samples"] == 0 and "teacher mode sli" in res.data["augment"]["reason"]
+    assert "augmented" not in res.data

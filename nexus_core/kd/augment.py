@@ -13,12 +13,26 @@ more. Two kinds, both then labelled by the extract stage like any rows:
 The new rows are KD data only: they have no text, so teachers with another tokenizer cannot be
 aligned onto them, and the plain fine-tune baseline (baseline.py) never reads them.
 
+The automatic rule (resolve(); the settings' default -1 means "auto", an explicit 0 or number wins):
+- copies when a dataset packs to fewer than AUTO_BELOW (512) training sequences: AUTO_COPIES (16)
+  each. Why 512: below it the default distill (max_steps 800 x batch 8 = 6400 sequences) would pass
+  over the real rows more than a dozen times, which is where bench_kd's KD student overfits; the copies cost
+  16 more labelling passes over at most 511 rows (8k sequences: about 4x the extraction of a dataset
+  at the default max_samples 2000), cheap beside what they buy (BENCHMARKS.md kd_augment).
+- samples when a dataset packs to fewer than AUTO_SAMPLES_BELOW (128) training sequences and the
+  teacher is loaded whole (profile mode "full"): AUTO_SAMPLES (8) each. Samples cost one teacher pass
+  per new token (8 x n x ~7/8 T passes), so they are kept to tiny datasets, and an SLI-streamed
+  teacher, which reads every layer from disk per pass, never gets them automatically.
+Distill applies the same rule to the same inputs (the real rows' manifest: planned_sequences, mode),
+so both stages agree without extra state; the extract stage records the decision and its reason.
+
 Deterministic: the draws are seeded by the real rows' fingerprint and the settings, so the same
 inputs give the same shards bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -30,6 +44,39 @@ from nexus_core.storage import shards
 
 FOLDER = "augment"  # memory/<teacher>/<dataset>/augment/: a shard folder of its own
 KEYS = ("augment", "augment_p", "augment_samples", "augment_temperature")  # the [extract] settings of this module
+
+
+AUTO = -1  # the settings' value for "let the rule decide"
+AUTO_BELOW = 512  # training sequences under which copies turn on by themselves
+AUTO_COPIES = 16
+AUTO_SAMPLES_BELOW = 128  # ... and samples, for a teacher loaded whole
+AUTO_SAMPLES = 8
+
+
+def resolve(ex, sequences: int, mode: str):
+    """The augmentation one dataset gets: (extract settings with augment / augment_samples >= 0, the
+    decision as recorded: copies, samples, auto, reason). `sequences`: the dataset's packed training
+    rows; `mode`: the teacher profile's mode (full, or sli when streamed)."""
+    copies, samples, why = ex.augment, ex.augment_samples, []
+    if copies == AUTO:
+        copies = AUTO_COPIES if sequences < AUTO_BELOW else 0
+        why.append(f"{sequences} training sequences {'<' if copies else '>='} {AUTO_BELOW}: "
+                   f"{copies or 'no'} perturbed copies")
+    if samples == AUTO:
+        if mode != "full":
+            samples = 0
+            why.append(f"teacher mode {mode} (streamed: a full pass per sampled token): no samples")
+        else:
+            samples = AUTO_SAMPLES if sequences < AUTO_SAMPLES_BELOW else 0
+            why.append(f"{sequences} training sequences {'<' if samples else '>='} {AUTO_SAMPLES_BELOW}: "
+                       f"{samples or 'no'} samples")
+    auto = bool(why)
+    if ex.augment != AUTO or ex.augment_samples != AUTO:
+        why.append("set explicitly: " + ", ".join(f"{k} {v}" for k, v in (("augment", ex.augment),
+                                                                          ("augment_samples", ex.augment_samples))
+                                                  if v != AUTO))
+    eff = dataclasses.replace(ex, augment=copies, augment_samples=samples)
+    return eff, {"copies": copies, "samples": samples, "auto": auto, "reason": "; ".join(why)}
 
 
 def folder(shard_dir: Path) -> Path:
@@ -112,4 +159,6 @@ def settings(ex) -> dict:
 
 
 def wanted(ex) -> bool:
+    """Resolved settings (resolve()) ask for new rows."""
+    assert ex.augment >= 0 and ex.augment_samples >= 0, "resolve() the automatic rule first"
     return bool(ex.augment or ex.augment_samples)

@@ -11,6 +11,7 @@ read one row slice at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -180,10 +181,16 @@ def open_streams(cfg: Settings, plan: DistillPlan, paths: Paths, profiles: dict[
                 continue
             xtok.attach(made[0], src, dom)  # made[0] holds the primary's rows when it has this dataset
         streams.extend(made)
-    if augment.wanted(cfg.extract):  # each teacher's new rows: a stream of its own (their rows differ per teacher)
-        for teacher, dataset in plan.extractions():
-            if fps.get(teacher.teacher_id) in (None, primary_fp):  # no text spans: no cross-tokenizer alignment
-                src = verify_source(cfg, paths, teacher, dataset, fps.get(teacher.teacher_id), augmented=True)
+    # Each teacher's new rows (augment.py): a stream of its own (their rows differ per teacher), where the
+    # automatic rule, on the real rows' manifest (the inputs extract decided on), or the settings ask for them.
+    for teacher, dataset in plan.extractions():
+        if fps.get(teacher.teacher_id) in (None, primary_fp):  # no text spans: no cross-tokenizer alignment
+            real = next(s for s in sources[dataset] if s.teacher_id == teacher.teacher_id)
+            a_ex, _ = augment.resolve(cfg.extract, int(real.manifest.get("planned_sequences", real.n)),
+                                      real.manifest.get("mode", "full"))
+            if augment.wanted(a_ex):
+                a_cfg = dataclasses.replace(cfg, extract=a_ex)
+                src = verify_source(a_cfg, paths, teacher, dataset, fps.get(teacher.teacher_id), augmented=True)
                 streams.append(Stream(dataset, [src]))
                 usage[teacher.teacher_id]["domains"][dataset]["augmented_sequences"] = src.n
     for tid, u in usage.items():

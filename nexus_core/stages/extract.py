@@ -9,6 +9,7 @@ and ends with files bit-for-bit identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -89,15 +90,20 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
     rows = _Rows(ids, mask, cs, ce, hidden_layers, real_vocab, tok_fp, int(profile["hidden"]))
     try:
         result = _extract_rows(cfg, teacher, dataset, ctx, runner, rows, out_dir, base, part, quality)
-        real = shards.read_manifest(out_dir) if augment.wanted(ex) and (out_dir / shards.MANIFEST).exists() else {}
-        a_fp, a_dir = _settings_fp(cfg, hidden_layers, augmented=True), augment.folder(out_dir)
+        # The automatic augmentation rule (augment.resolve) decides on this dataset's size and the teacher's mode.
+        a_ex, decision = augment.resolve(ex, int(ids.shape[0]), profile["mode"])
+        result.data["augment"] = decision
+        a_cfg = dataclasses.replace(cfg, extract=a_ex)
+        real = shards.read_manifest(out_dir) if augment.wanted(a_ex) and (out_dir / shards.MANIFEST).exists() else {}
+        a_fp, a_dir = _settings_fp(a_cfg, hidden_layers, augmented=True), augment.folder(out_dir)
         if real.get("complete") and not _finished(a_dir, a_fp, real):
             # The job that completes the dataset adds the new rows (made again on a resume: deterministic).
             with _deterministic():
-                a_ids, a_mask, a_base = augment.new_rows(out_dir, real, base, ex, runner, real_vocab)
+                a_ids, a_mask, a_base = augment.new_rows(out_dir, real, base, a_ex, runner, real_vocab)
             a_rows = _Rows(a_ids, a_mask, None, None, hidden_layers, real_vocab, tok_fp, rows.hidden_size)
-            a_base.update(data_fp=_data_fp(a_ids, a_mask), settings_fp=a_fp)
-            a_res = _extract_rows(cfg, teacher, dataset, ctx, runner, a_rows, a_dir, a_base, (0, 1),
+            a_base.update(data_fp=_data_fp(a_ids, a_mask), settings_fp=a_fp,
+                          augment_rule={k: decision[k] for k in ("auto", "reason")})
+            a_res = _extract_rows(a_cfg, teacher, dataset, ctx, runner, a_rows, a_dir, a_base, (0, 1),
                                   lambda: real.get("heldout_quality"), announce=False)
             result.artifacts.extend(a_res.artifacts)
             result.data["augmented"] = {k: a_res.data[k] for k in ("sequences", "tokens", "resume_shard")}
