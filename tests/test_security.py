@@ -118,7 +118,7 @@ def test_the_worker_refuses_pickles_foreign_functions_and_forged_payloads(workdi
     as_json.enqueue_call(func=JOB_FUNC, args=({"stage": "profile"},), job_id="evil-callback",
                          on_success="os.system")
     # a well-formed payload whose teacher points at another folder with custom code switched on
-    cfg = load_settings(paths.home, environ={})
+    cfg = load_settings(paths.home, environ=fast_env)  # the test's small settings (no augmentation) in the jobs
     log = EventLog(paths.log, redis=redis_conn)
     good = sync_once(paths, cfg, redis_conn, log)  # the real chain, behind the strangers' jobs
     profile = next(s for s in good.specs if s.stage == "profile")
