@@ -38,8 +38,8 @@ from tests.helpers import (
 # ---------------------------------------------------------------- process and Redis faults
 
 # The undisturbed run's bytes: a refactor must not move a single bit. They hold for the library versions of
-# constraints.txt (transformers' weight init and kernels decide the tiny teacher's bytes; re-recorded on
-# 2026-12-02 when a fresh venv without constraints drew transformers 5.24 and every hash moved). A change that means to alter what extraction
+# constraints.txt (the library versions decide the tiny teacher's bytes: re-recorded on 2026-12-02, when a
+# fresh venv without constraints — transformers 5.24.0, tokenizers 0.23.3 — moved every hash; not bisected). A change that means to alter what extraction
 # or distillation compute updates these, and says so in its commit.
 RECORDED = {
     "memory/tiny/code__snippets/shard-00000.safetensors": "4cd80217696eaa5fcdb2e74156e26ea8c520ae14dcd4a11dd53d20f3f7c07061",
