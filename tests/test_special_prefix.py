@@ -157,5 +157,10 @@ def test_a_teacher_is_scored_on_the_primarys_rows_only_if_they_start_as_its_own(
         made[name] = Teacher(teacher_id=name, path=str(tmp_path / name), status="ready", source="test")
     plan = DistillPlan(teachers=tuple(made.values()), primary="smol", datasets=("a/b",))
     same_fp = {t: {"tokenizer_fp": "same vocabulary"} for t in made}
-    assert _same_tokenizer(same_fp, plan, made["smol2"], toks["smol"])
-    assert not _same_tokenizer(same_fp, plan, made["gemma"], toks["smol"])  # same ids, but it expects <bos>
+    from nexus_core.teachers.loading import tokenizer_from
+
+    def own(name):  # the teacher's tokenizer as evaluate loads it
+        return tokenizer_from(made[name].path, False)
+
+    assert _same_tokenizer(same_fp, plan, made["smol2"], own("smol2"), toks["smol"])
+    assert not _same_tokenizer(same_fp, plan, made["gemma"], own("gemma"), toks["smol"])  # same ids, but it expects <bos>

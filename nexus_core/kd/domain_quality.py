@@ -10,14 +10,15 @@ most, so the router never contradicts the distillation.
 
 from __future__ import annotations
 
-import json
 import math
 
 from nexus_core.config import Settings
 from nexus_core.data import DatasetRef
+from nexus_core.errors import CorruptArtifactError
 from nexus_core.kd import align
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
+from nexus_core.storage.shards import read_manifest
 
 
 def loss_per_char(manifest: dict) -> float | None:
@@ -27,10 +28,9 @@ def loss_per_char(manifest: dict) -> float | None:
 
 
 def _manifest(paths: Paths, teacher_id: str, dataset: str) -> dict:
-    f = paths.shard_dir(teacher_id, DatasetRef.parse(dataset).slug) / "manifest.json"
     try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError):
+        return read_manifest(paths.shard_dir(teacher_id, DatasetRef.parse(dataset).slug))
+    except CorruptArtifactError:  # not extracted (yet): no measured quality
         return {}
 
 

@@ -20,6 +20,7 @@ from nexus_core.config import Settings
 from nexus_core.errors import DatasetError
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
+from nexus_core.teachers.loading import tokenizer_from
 
 log = structlog.get_logger("nexus.distill")
 MAX_HELDOUT_SEQUENCES = 64
@@ -73,18 +74,13 @@ def model_logits(model):
     return fn
 
 
-def _same_tokenizer(profiles: dict, plan: DistillPlan, teacher, primary_tok) -> bool:
-    """The teacher reads the primary's held-out rows as its own: same vocabulary and the same special
-    prefix (a teacher that expects <bos> must not be scored on rows without it, data.py)."""
-    if teacher.teacher_id == plan.primary:
-        return True
+def _same_tokenizer(profiles: dict, plan: DistillPlan, teacher, tok, primary_tok) -> bool:
+    """The teacher (its tokenizer `tok`) reads the primary's held-out rows as its own: same vocabulary
+    and the same special prefix (a teacher that expects <bos> must not be scored on rows without it, data.py)."""
     fp_t = (profiles.get(teacher.teacher_id) or {}).get("tokenizer_fp")
     fp_p = (profiles.get(plan.primary) or {}).get("tokenizer_fp")
     if fp_t and fp_p and fp_t != fp_p:
         return False
-    from nexus_core.teachers.loading import tokenizer_from
-
-    tok = tokenizer_from(teacher.path, teacher.trust_remote_code)
     if not (fp_t and fp_p) and tok.get_vocab() != primary_tok.get_vocab():
         return False
     return data.special_prefix(tok) == data.special_prefix(primary_tok)
@@ -124,11 +120,9 @@ def evaluate(cfg: Settings, plan: DistillPlan, paths: Paths, student, tokenizer,
         return out
     for t in plan.teachers:
         batches, t_vocab = sets, vocab
-        if not _same_tokenizer(profiles, plan, t, tokenizer):
+        t_tok = None if t.teacher_id == plan.primary else tokenizer_from(t.path, t.trust_remote_code)
+        if t_tok is not None and not _same_tokenizer(profiles, plan, t, t_tok, tokenizer):
             # Another tokenizer: the same texts packed with its own, compared per character.
-            from nexus_core.teachers.loading import tokenizer_from
-
-            t_tok = tokenizer_from(t.path, t.trust_remote_code)
             batches = {d: heldout(cfg, paths, t_tok, d) for d in out if d in plan.teacher_datasets(t)}
             batches = {d: b for d, b in batches.items() if b is not None and b[2] is not None}
             t_vocab = len(t_tok)
