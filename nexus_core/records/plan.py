@@ -109,8 +109,3 @@ def _count(n: int | None) -> str:
         if n >= scale:
             return f"{n / scale:.3g}{unit}"
     return str(n)
-
-
-def choose_primary(teachers: list[Teacher], params: dict[str, int | None] | None = None) -> str:
-    """primary_choice's teacher id."""
-    return primary_choice(teachers, params).teacher_id
