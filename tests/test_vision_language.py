@@ -114,14 +114,64 @@ def qwen3_vl(tmp_path_factory):
         tie_word_embeddings=False)
     torch.manual_seed(0)
     model = tf.Qwen3VLForConditionalGeneration(cfg).eval()
-    return mf.save_model(model, tok, tmp_path_factory.mktemp("qvl") / "qwen3-vl"), model
+    return mf.save_model(model, tok, tmp_path_factory.mktemp("qvl") / "qwen3-vl"), model, ("model.visual.",)
+
+
+_QWEN_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14)
+_QWEN_TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _qwen_vl_ids(V) -> dict:
+    return dict(image_token_id=V - 1, video_token_id=V - 2, vision_start_token_id=V - 3, vision_end_token_id=V - 4)
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_vl(tmp_path_factory):
+    """Qwen2.5-VL: saved as transformers saves it, `model.layers.*` (text names already) beside `visual.*`;
+    its multimodal RoPE splits the rotary dims 2/1/1 over (t, h, w), not interleaved."""
+    tok = mf.train_tokenizer(DOCS, vocab_size=300)
+    V = len(tok)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+    cfg = tf.Qwen2_5_VLConfig(text_config=dict(vocab_size=V, rope_parameters=rope, bos_token_id=1, eos_token_id=2,
+                                               **_QWEN_TEXT),
+                              vision_config=dict(fullatt_block_indexes=[0], **_QWEN_VISION),
+                              tie_word_embeddings=False, **_qwen_vl_ids(V))
+    torch.manual_seed(0)
+    model = tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    d = mf.save_model(model, tok, tmp_path_factory.mktemp("q25vl") / "qwen2_5-vl")
+    return d, model, ("visual.",)
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl_moe(tmp_path_factory):
+    """Qwen3-VL-MoE: 4 experts, top 2, every layer sparse; moe_intermediate_size 8 so that a transposed expert
+    tensor could not pass for the module's layout (2I=16 != H=32)."""
+    tok = mf.train_tokenizer(DOCS, vocab_size=300)
+    V = len(tok)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    cfg = tf.Qwen3VLMoeConfig(
+        text_config=dict(vocab_size=V, head_dim=8, rope_parameters=rope, moe_intermediate_size=8, num_experts=4,
+                         num_experts_per_tok=2, decoder_sparse_step=1, **_QWEN_TEXT),
+        vision_config=dict(deepstack_visual_indexes=[0], **_QWEN_VISION), tie_word_embeddings=False,
+        **_qwen_vl_ids(V))
+    torch.manual_seed(0)
+    model = tf.Qwen3VLMoeForConditionalGeneration(cfg).eval()
+    d = mf.save_model(model, tok, tmp_path_factory.mktemp("q3vlmoe") / "qwen3-vl-moe")
+    return d, model, ("model.visual.",)
+
+
+# family fixture -> the text model its language model runs as (loading.TEXT_AS)
+RUNS_AS = {"qwen3_vl": "qwen3", "qwen2_5_vl": "qwen2", "qwen3_vl_moe": "qwen3_moe"}
 
 
 @pytest.mark.parametrize("runner", [StreamingRunner, FullRunner])
-def test_qwen3_vl_language_model_runs_as_qwen3(qwen3_vl, runner):
-    """Qwen3-VL's text model has no causal LM class; on text (three equal position components) its
-    multimodal RoPE is Qwen3's, so it runs as Qwen3: the multimodal model's text logits, bit for bit."""
-    d, model = qwen3_vl
+@pytest.mark.parametrize("family", sorted(RUNS_AS))
+def test_qwen_vl_language_model_runs_as_its_text_model(request, family, runner):
+    """Qwen3-VL's, Qwen2.5-VL's and Qwen3-VL-MoE's text models have no causal LM class; on text (three equal
+    position components) their multimodal RoPE is plain RoPE, so they run as Qwen3, Qwen2 and Qwen3-MoE: the
+    multimodal model's text logits, bit for bit, with no vision tensor read."""
+    d, model, *vision = request.getfixturevalue(family)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 290, (3, 12), generator=g)
     mask = torch.ones(3, 12, dtype=torch.long)
@@ -129,8 +179,11 @@ def test_qwen3_vl_language_model_runs_as_qwen3(qwen3_vl, runner):
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     r = runner(d)
-    assert r.config.model_type == "qwen3"
+    assert r.config.model_type == RUNS_AS[family]
     assert torch.equal(r.logits(r.forward(ids, mask).final_hidden), ref)
+    if runner is StreamingRunner and vision:
+        assert not any(k.startswith(vision[0]) for k in r.store.stored_name.values())
+        assert r.stats["bytes_read"] == _tensor_bytes(d) - _tensor_bytes(d, vision[0])
     r.close()
 
 

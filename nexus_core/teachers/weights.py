@@ -83,20 +83,24 @@ class SafetensorsStore:
 
 
 # Where vision-language checkpoints keep their language model (transformers' save layout and the original
-# releases: Gemma 3, LLaVA, Mistral 3), and the text model's name for it.
+# releases: Gemma 3, LLaVA, Mistral 3, Qwen3-VL), and the text model's name for it.
 _LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                 ("language_model.lm_head.", "lm_head."), ("language_model.", ""))
+# Vision towers stored beside a language model that already has the text model's names (Qwen2-VL/2.5-VL save
+# `model.layers.*` next to `visual.*`).
+_VISION_BESIDE = ("visual.",)
 
 
 def language_model_view(meta: WeightsMeta) -> tuple[dict[str, str], WeightsMeta]:
     """({text-model name: stored name}, meta of the language model's tensors alone) for a vision-language
     checkpoint: the vision tower and projector are left out, so nothing ever reads them. ({}, meta) otherwise."""
-    if not any(n.startswith(p) for n in meta.tensors for p, _ in _LM_PREFIXES):
+    nested = any(n.startswith(p) for n in meta.tensors for p, _ in _LM_PREFIXES)
+    if not nested and not any(n.startswith(_VISION_BESIDE) for n in meta.tensors):
         return {}, meta
     names = {}
     for stored in meta.tensors:
         new = next((to + stored[len(p):] for p, to in _LM_PREFIXES if stored.startswith(p)), None)
-        if new is None and stored.startswith("lm_head."):
+        if new is None and (stored.startswith("lm_head.") or not (nested or stored.startswith(_VISION_BESIDE))):
             new = stored
         if new is not None:
             names[new] = stored
