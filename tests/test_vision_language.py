@@ -94,8 +94,8 @@ def test_profile_says_so_and_the_student_is_the_language_model(tmp_path, gemma3_
 
 
 def test_a_language_model_transformers_cannot_build_alone_is_refused_by_name(tmp_path):
-    tf.Step3p7Config().save_pretrained(tmp_path)  # Step3-VL: its step3p5 language model has no causal LM class
-    with pytest.raises(TeacherLoadError, match="vision-language model .*step3p5.*text-only"):
+    tf.Glm4vConfig().save_pretrained(tmp_path)  # GLM-4V: its glm4v_text language model has no causal LM class
+    with pytest.raises(TeacherLoadError, match="vision-language model .*glm4v_text.*text-only"):
         config_from(tmp_path)
 
 
@@ -161,16 +161,48 @@ def qwen3_vl_moe(tmp_path_factory):
     return d, model, ("model.visual.",)
 
 
-# family fixture -> the text model its language model runs as (loading.TEXT_AS)
-RUNS_AS = {"qwen3_vl": "qwen3", "qwen2_5_vl": "qwen2", "qwen3_vl_moe": "qwen3_moe"}
+@pytest.fixture(scope="module")
+def step3_vl(tmp_path_factory):
+    """Step3-VL (`step3p7`): a dense layer, then two MoE layers (4 experts, top 2, a shared expert), a sliding
+    layer with fewer heads, clamped SwiGLU; saved as transformers saves it (the release layout: `model.layers.*`
+    with moe.{gate,up,down}_proj stacked per layer, beside vision_model.* and vit_large_projector.*). Every
+    parameter and the router bias are random: their init (zero norms and bias) would hide a mix-up."""
+    tok = mf.train_tokenizer(DOCS, vocab_size=300)
+    V = len(tok)
+    cfg = tf.Step3p7Config(
+        text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2, share_expert_dim=16,
+                         mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=4,
+                         layer_types=["full_attention", "sliding_attention", "full_attention"],
+                         num_sliding_attention_heads=2, swiglu_limits=[0, 0, 0.5], swiglu_limits_shared=[0, 0, 0.5],
+                         pad_token_id=0),
+        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+                           max_position_embeddings=4),
+        image_token_id=V - 1)
+    torch.manual_seed(0)
+    model = tf.Step3p7ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.2)
+    d = mf.save_model(model, tok, tmp_path_factory.mktemp("step3vl") / "step3-vl")
+    return d, model, ("vision_model.", "vit_large_projector.")
+
+
+# family fixture -> the text model its language model runs as (loading.TEXT_AS; Step3-VL: text_models.py)
+RUNS_AS = {"qwen3_vl": "qwen3", "qwen2_5_vl": "qwen2", "qwen3_vl_moe": "qwen3_moe", "step3_vl": "step3p5"}
 
 
 @pytest.mark.parametrize("runner", [StreamingRunner, FullRunner])
 @pytest.mark.parametrize("family", sorted(RUNS_AS))
-def test_qwen_vl_language_model_runs_as_its_text_model(request, family, runner):
+def test_vl_language_model_runs_as_its_text_model(request, family, runner):
     """Qwen3-VL's, Qwen2.5-VL's and Qwen3-VL-MoE's text models have no causal LM class; on text (three equal
-    position components) their multimodal RoPE is plain RoPE, so they run as Qwen3, Qwen2 and Qwen3-MoE: the
-    multimodal model's text logits, bit for bit, with no vision tensor read."""
+    position components) their multimodal RoPE is plain RoPE, so they run as Qwen3, Qwen2 and Qwen3-MoE;
+    Step3-VL's runs as Nexus's causal LM around it. The multimodal model's text logits, bit for bit (CPU fp32,
+    the same kernels), with no vision tensor read."""
     d, model, *vision = request.getfixturevalue(family)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 290, (3, 12), generator=g)
@@ -185,6 +217,18 @@ def test_qwen_vl_language_model_runs_as_its_text_model(request, family, runner):
         assert not any(k.startswith(vision[0]) for k in r.store.stored_name.values())
         assert r.stats["bytes_read"] == _tensor_bytes(d) - _tensor_bytes(d, vision[0])
     r.close()
+
+
+@pytest.mark.parametrize("sli", ["never", "always"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe", "step3_vl"])
+def test_profile_names_the_mode_and_the_text_model(request, tmp_path, family, sli):
+    d, *_ = request.getfixturevalue(family)
+    _, _, _, paths = setup_home(tmp_path / "home", d, run={"sli": sli})
+    profile = read_profile(paths, "tiny")
+    assert profile["model_type"] == RUNS_AS[family] and "never loaded" in profile["vision_tower"]
+    assert profile["mode"] == {"never": "full", "always": "sli"}[sli]
+    assert profile["mode_reason"].startswith(f"--sli {sli}") and profile["sli_supported"]
+    assert len(profile["layer_importance"]) == profile["layers"]
 
 
 @pytest.mark.slow

@@ -63,13 +63,17 @@ def _as_text_model(text):
 def language_model_config(config, path=""):
     """A vision-language teacher's config -> its language model's (Gemma 3, LLaVA, Mistral 3): the teacher is
     distilled on text, so only the language model is built, loaded or streamed, never the vision tower.
-    Qwen3-VL's, Qwen2.5-VL's and Qwen3-VL-MoE's language models run as the text model TEXT_AS names. Any other
-    config is returned as it is; a vision-language model whose language model transformers cannot build as a
-    causal LM on its own is refused with that sentence."""
+    Qwen3-VL's, Qwen2.5-VL's and Qwen3-VL-MoE's language models run as the text model TEXT_AS names, Step3-VL's
+    as Nexus's own causal LM around transformers' text model (teachers/text_models.py). Any other config is
+    returned as it is; a vision-language model whose language model transformers cannot build as a causal LM
+    on its own is refused with that sentence."""
     import copy
 
     from transformers import AutoModelForCausalLM
 
+    from nexus_core.teachers import text_models
+
+    text_models.register()
     text = config.get_text_config()
     if text is config:
         return config

@@ -13,9 +13,11 @@ GGUF files (`teachers.gguf.GGUFStore`, dequantised); other formats add their own
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -53,7 +55,7 @@ class SafetensorsStore:
         self.mxfp4 = _split_mxfp4(self.meta)  # MXFP4 tensor name -> (its _blocks, its _scales)
         self.files = files
         # A vision-language checkpoint: only its language model, under a text model's names (name -> stored name)
-        self.stored_name, self.meta = language_model_view(self.meta)
+        self.stored_name, self.fused, self.meta = language_model_view(self.meta, _model_type(self.path))
         self.language_model_only = bool(self.stored_name)
 
     @contextmanager
@@ -72,6 +74,8 @@ class SafetensorsStore:
                 return t
 
             def read(name: str) -> torch.Tensor:
+                if name in self.fused:  # (E, rows_a + rows_b, cols) from its stacked parts
+                    return torch.cat([read(part) for part in self.fused[name]], dim=1)
                 name = self.stored_name.get(name, name)
                 if name in self.mxfp4:
                     blocks, scales = self.mxfp4[name]
@@ -86,27 +90,57 @@ class SafetensorsStore:
 # releases: Gemma 3, LLaVA, Mistral 3, Qwen3-VL), and the text model's name for it.
 _LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                 ("language_model.lm_head.", "lm_head."), ("language_model.", ""))
-# Vision towers stored beside a language model that already has the text model's names (Qwen2-VL/2.5-VL save
-# `model.layers.*` next to `visual.*`).
-_VISION_BESIDE = ("visual.",)
 
 
-def language_model_view(meta: WeightsMeta) -> tuple[dict[str, str], WeightsMeta]:
-    """({text-model name: stored name}, meta of the language model's tensors alone) for a vision-language
-    checkpoint: the vision tower and projector are left out, so nothing ever reads them. ({}, meta) otherwise."""
-    nested = any(n.startswith(p) for n in meta.tensors for p, _ in _LM_PREFIXES)
-    if not nested and not any(n.startswith(_VISION_BESIDE) for n in meta.tensors):
-        return {}, meta
+@dataclass(frozen=True)
+class _Beside:
+    """A release that keeps its language model under text-model names (`model.layers.*`) beside the tower."""
+    vision: tuple[str, ...]                           # the tower's and projector's prefixes: never read
+    renames: tuple[tuple[str, str], ...] = ()         # stored -> transformers' module name (substrings)
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()  # module suffix <- stored suffixes, concatenated on dim 1
+
+
+# Such releases by config.json's model_type (transformers saves them so too: its conversion_mapping runs
+# backwards on save). Step3-VL stacks each layer's experts as moe.{gate,up,down}_proj (E, rows, cols), which
+# transformers' module holds as gate_up_proj = cat(gate, up) on dim 1 (conversion_mapping's "step3p7").
+_BESIDE = {
+    "qwen2_5_vl": _Beside(vision=("visual.",)),
+    "step3p7": _Beside(
+        vision=("vision_model.", "vit_large_projector."),
+        renames=((".moe.gate.weight", ".mlp.gate.weight"), (".moe.router_bias", ".mlp.gate.e_score_correction_bias"),
+                 (".moe.down_proj.weight", ".mlp.experts.down_proj"), (".share_expert.", ".mlp.shared_experts.")),
+        fused=((".mlp.experts.gate_up_proj", (".moe.gate_proj.weight", ".moe.up_proj.weight")),)),
+}
+
+
+def language_model_view(meta: WeightsMeta, model_type: str = "") -> tuple[dict[str, str], dict, WeightsMeta]:
+    """({text-model name: stored name}, {text-model name: stored names to concatenate on dim 1}, meta of the
+    language model's tensors alone) for a vision-language checkpoint: the vision tower and projector are left
+    out, so nothing ever reads them. ({}, {}, meta) otherwise."""
+    beside = _BESIDE.get(model_type)
+    if beside is None and not any(n.startswith(p) for n in meta.tensors for p, _ in _LM_PREFIXES):
+        return {}, {}, meta
     names = {}
     for stored in meta.tensors:
+        if beside is not None and stored.startswith(beside.vision):
+            continue
         new = next((to + stored[len(p):] for p, to in _LM_PREFIXES if stored.startswith(p)), None)
-        if new is None and (stored.startswith("lm_head.") or not (nested or stored.startswith(_VISION_BESIDE))):
+        if new is None and (beside is not None or stored.startswith("lm_head.")):
             new = stored
         if new is not None:
-            names[new] = stored
+            names[functools.reduce(lambda k, r: k.replace(*r), beside.renames if beside else (), new)] = stored
+    fused = {}
+    for target, parts in beside.fused if beside else ():
+        for head in [n[: -len(parts[0])] for n in names if n.endswith(parts[0])]:
+            fused[head + target] = [names.pop(head + part) for part in parts]
     tensors = {new: meta.tensors[stored] for new, stored in names.items()}
+    for new, stored in fused.items():
+        first = meta.tensors[stored[0]]
+        rows = sum(meta.tensors[k].shape[1] for k in stored)
+        tensors[new] = TensorInfo(first.dtype, (first.shape[0], rows, *first.shape[2:]), first.file,
+                                  sum(meta.tensors[k].nbytes for k in stored))
     files = sorted({t.file for t in tensors.values()})
-    return names, WeightsMeta(files=files, tensors=tensors)
+    return names, fused, WeightsMeta(files=files, tensors=tensors)
 
 
 def _split_scales(meta: WeightsMeta) -> dict[str, str]:
@@ -122,12 +156,20 @@ def _split_scales(meta: WeightsMeta) -> dict[str, str]:
     return scales
 
 
+def _config_json(model_dir: Path) -> dict:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _model_type(model_dir: Path) -> str:
+    return str(_config_json(model_dir).get("model_type") or "")
+
+
 def _block_size(model_dir: Path) -> tuple[int, int]:
     """quantization_config.weight_block_size from config.json (DeepSeek-V3: [128, 128])."""
-    try:
-        q = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        q = {}
+    q = _config_json(model_dir).get("quantization_config") or {}
     rows, cols = q.get("weight_block_size") or (128, 128)
     return int(rows), int(cols)
 
