@@ -146,12 +146,13 @@ def qwen2_5_vl(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen3_vl_moe(tmp_path_factory):
     """Qwen3-VL-MoE: 4 experts, top 2, every layer sparse; moe_intermediate_size 8 so that a transposed expert
-    tensor could not pass for the module's layout (2I=16 != H=32)."""
+    tensor could not pass for the module's layout (2I=16 != H=32); head_dim 16, not hidden // heads (Qwen3-MoE's
+    fallback when a config drops it)."""
     tok = mf.train_tokenizer(DOCS, vocab_size=300)
     V = len(tok)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
     cfg = tf.Qwen3VLMoeConfig(
-        text_config=dict(vocab_size=V, head_dim=8, rope_parameters=rope, moe_intermediate_size=8, num_experts=4,
+        text_config=dict(vocab_size=V, head_dim=16, rope_parameters=rope, moe_intermediate_size=8, num_experts=4,
                          num_experts_per_tok=2, decoder_sparse_step=1, **_QWEN_TEXT),
         vision_config=dict(deepstack_visual_indexes=[0], **_QWEN_VISION), tie_word_embeddings=False,
         **_qwen_vl_ids(V))
@@ -250,3 +251,27 @@ def test_nexus_run_with_a_vision_language_primary_teacher(tmp_path, redis_conn, 
     assert result.returncode == 0, result.stderr[-3000:]
     completed_once(paths)
     assert json.loads((paths.release / "config.json").read_text())["model_type"] == "gemma3_text"
+
+
+@pytest.mark.slow
+def test_nexus_run_with_a_qwen3_vl_moe_primary_teacher_streamed(tmp_path, redis_conn, redis_url):
+    """Qwen3-VL-MoE as released by transformers, `--sli always`: profiled and extracted streamed as Qwen3-MoE
+    (the vision tower never read), and its language model seeds the dense student (Qwen3)."""
+    from tests.helpers import ARITH, CODE, ENV, completed_once, make_workdir, nexus
+
+    tok = mf.train_tokenizer(ARITH + CODE, vocab_size=384)
+    V = len(tok)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    cfg = tf.Qwen3VLMoeConfig(
+        text_config=dict(vocab_size=V, head_dim=16, rope_parameters=rope, moe_intermediate_size=16, num_experts=4,
+                         num_experts_per_tok=2, **{**_QWEN_TEXT, "num_hidden_layers": 4}),
+        vision_config=dict(deepstack_visual_indexes=[0], **_QWEN_VISION), tie_word_embeddings=False,
+        **_qwen_vl_ids(V))
+    d = mf.save_model(tf.Qwen3VLMoeForConditionalGeneration(cfg), tok, tmp_path / "teachers" / "qwen3-vl-moe")
+    paths = make_workdir(tmp_path, d)
+    result = nexus(paths, "run", redis_url=redis_url, env_extra={**ENV, "NEXUS_RUN_SLI": "always"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    completed_once(paths)
+    profile = read_profile(paths, "tiny")
+    assert profile["mode"] == "sli" and profile["model_type"] == "qwen3_moe" and profile["expert_load"]
+    assert json.loads((paths.release / "config.json").read_text())["model_type"] == "qwen3"

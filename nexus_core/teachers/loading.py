@@ -52,7 +52,9 @@ def _as_text_model(text):
 
     model_type, fixed = TEXT_AS[text.model_type]
     target = CONFIG_MAPPING[model_type]
-    known = set(target().to_dict())
+    # head_dim too: attention modules read it whenever a config sets it, declared or not (Qwen3-MoE's is not,
+    # and its fallback hidden_size // heads is 64 where Qwen3-VL-30B-A3B's is 128)
+    known = set(target().to_dict()) | {"head_dim"}
     src = {k: v for k, v in text.to_dict().items() if k in known and k not in ("model_type", "architectures")}
     rope = src.get("rope_parameters")
     if isinstance(rope, dict):  # the multimodal sections mean nothing without images
