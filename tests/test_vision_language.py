@@ -8,6 +8,7 @@ gives for text, while reading none of the vision tensors.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def qwen2_5_vl(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen3_vl_moe(tmp_path_factory):
-    """Qwen3-VL-MoE: 4 experts, top 2, every layer sparse; moe_intermediate_size 8 so that a transposed expert
+    """Qwen3-VL-MoE: 4 experts, top 2, layer 0 sparse and layer 1 dense; moe_intermediate_size 8 so that a transposed expert
     tensor could not pass for the module's layout (2I=16 != H=32); head_dim 16, not hidden // heads (Qwen3-MoE's
     fallback when a config drops it)."""
     tok = mf.train_tokenizer(DOCS, vocab_size=300)
@@ -153,13 +154,32 @@ def qwen3_vl_moe(tmp_path_factory):
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
     cfg = tf.Qwen3VLMoeConfig(
         text_config=dict(vocab_size=V, head_dim=16, rope_parameters=rope, moe_intermediate_size=8, num_experts=4,
-                         num_experts_per_tok=2, decoder_sparse_step=1, **_QWEN_TEXT),
+                         num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[1], **_QWEN_TEXT),
         vision_config=dict(deepstack_visual_indexes=[0], **_QWEN_VISION), tie_word_embeddings=False,
         **_qwen_vl_ids(V))
     torch.manual_seed(0)
     model = tf.Qwen3VLMoeForConditionalGeneration(cfg).eval()
     d = mf.save_model(model, tok, tmp_path_factory.mktemp("q3vlmoe") / "qwen3-vl-moe")
     return d, model, ("model.visual.",)
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl_moe_release(qwen3_vl_moe, tmp_path_factory):
+    """The same model as Qwen's release stores it: fused experts (E, H, 2I) and (E, I, H), the transpose of
+    transformers' modules (its conversion_mapping transposes them on load)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d, model, vision = qwen3_vl_moe
+    out = Path(shutil.copytree(d, tmp_path_factory.mktemp("q3vlmoe-release") / "qwen3-vl-moe"))
+    state = load_file(str(d / "model.safetensors"))
+    experts = [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert experts
+    for k in experts:
+        state[k] = state[k].transpose(1, 2).contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out, model, vision
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +214,8 @@ def step3_vl(tmp_path_factory):
 
 
 # family fixture -> the text model its language model runs as (loading.TEXT_AS; Step3-VL: text_models.py)
-RUNS_AS = {"qwen3_vl": "qwen3", "qwen2_5_vl": "qwen2", "qwen3_vl_moe": "qwen3_moe", "step3_vl": "step3p5"}
+RUNS_AS = {"qwen3_vl": "qwen3", "qwen2_5_vl": "qwen2", "qwen3_vl_moe": "qwen3_moe", "qwen3_vl_moe_release": "qwen3_moe",
+           "step3_vl": "step3p5"}
 
 
 @pytest.mark.parametrize("runner", [StreamingRunner, FullRunner])
