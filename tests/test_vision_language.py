@@ -16,6 +16,7 @@ import transformers as tf
 from safetensors import safe_open
 
 from nexus_core.demo import model_factory as mf
+from nexus_core.errors import BadInputError
 from nexus_core.kd.student import build_student
 from nexus_core.records.plan import DistillPlan
 from nexus_core.storage.profiles import read_profile
@@ -296,3 +297,13 @@ def test_nexus_run_with_a_qwen3_vl_moe_primary_teacher_streamed(tmp_path, redis_
     profile = read_profile(paths, "tiny")
     assert profile["mode"] == "sli" and profile["model_type"] == "qwen3_moe" and profile["expert_load"]
     assert json.loads((paths.release / "config.json").read_text())["model_type"] == "qwen3"
+
+
+def test_step3_vl_teaches_but_seeds_no_student(tmp_path, step3_vl):
+    """A student of Step3-VL's architecture could not be loaded outside Nexus (no causal LM class in
+    transformers): as the primary teacher it is refused with what to do instead."""
+    d, *_ = step3_vl
+    cfg, teacher, ref, paths = setup_home(tmp_path / "home", d)
+    plan = DistillPlan(teachers=(teacher,), primary="tiny", datasets=(ref.key,))
+    with pytest.raises(BadInputError, match="cannot be the primary teacher: .*step3p5.*--student-config"):
+        build_student(cfg, plan, paths, "cpu", read_profile(paths, "tiny"))

@@ -43,6 +43,14 @@ def _step3p7_causal_lm():
     return m.Step3p7TextConfig, Step3p7TextForCausalLM
 
 
+# model_type -> why no student is seeded from it (kd/student.py refuses it as the primary teacher unless the
+# student comes from --student-config): the student is the primary's architecture, pruned, and is released as
+# an HF folder for AutoModelForCausalLM, which cannot build these outside Nexus. Step3-VL's per-layer lists
+# (head counts, MLP types, clamps) would also have to follow the kept layers.
+NO_STUDENT = {"step3p5": "transformers has no causal LM class for Step3-VL's language model (step3p5), so a "
+                         "student of that architecture could not be loaded outside Nexus"}
+
+
 @functools.cache
 def register() -> None:
     """Let AutoModelForCausalLM build the causal LMs above (once per process)."""
