@@ -75,10 +75,11 @@ def language_model_config(config, path=""):
 
     from nexus_core.teachers import text_models
 
-    text_models.register()
     text = config.get_text_config()
     if text is config:
         return config
+    if text.model_type in text_models.CAUSAL_LM:
+        text_models.register(text.model_type)
     if type(text) not in AutoModelForCausalLM._model_mapping and text.model_type in TEXT_AS:
         text = _as_text_model(text)
     if type(text) not in AutoModelForCausalLM._model_mapping:

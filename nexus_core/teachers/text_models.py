@@ -5,7 +5,7 @@ per-layer head counts, clamped SwiGLU experts with a shared expert and a biased 
 class and no transformers text model equals it. `Step3p7TextForCausalLM` is the smallest one that does: the
 multimodal model's own text model and LM head, so on text it runs the very modules
 `Step3p7ForConditionalGeneration` runs (tests/test_vision_language.py checks the logits bit for bit).
-`register()` makes AutoModelForCausalLM build it from the text config, as it builds any other causal LM.
+`register(model_type)` makes AutoModelForCausalLM build it from the text config, as it builds any other causal LM.
 """
 
 from __future__ import annotations
@@ -51,11 +51,15 @@ NO_STUDENT = {"step3p5": "transformers has no causal LM class for Step3-VL's lan
                          "student of that architecture could not be loaded outside Nexus"}
 
 
+# model_type of the language model -> its causal LM (config class, model class), built on first use: importing
+# transformers' Step3-VL modelling takes seconds, which no other teacher should pay.
+CAUSAL_LM = {"step3p5": _step3p7_causal_lm}
+
+
 @functools.cache
-def register() -> None:
-    """Let AutoModelForCausalLM build the causal LMs above (once per process)."""
+def register(model_type: str) -> None:
+    """Let AutoModelForCausalLM build the causal LM CAUSAL_LM names for this model type (once per process)."""
     from transformers import AutoModelForCausalLM
 
-    config_cls, model_cls = _step3p7_causal_lm()
+    config_cls, model_cls = CAUSAL_LM[model_type]()
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
-

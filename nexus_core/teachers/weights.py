@@ -102,8 +102,9 @@ class _Release:
     vision: tuple[str, ...] = ()  # the tower's prefixes, beside a language model under text-model names (model.*)
     renames: tuple[tuple[str, str], ...] = ()            # stored -> transformers' module name (substrings)
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()  # module suffix <- stored suffixes, concatenated on dim 1
-    transposed: tuple[tuple[str, int], ...] = ()  # module suffix, its dim that holds hidden_size: stored the other
-                                                  # way round when it does not (transformers' Transpose(1, 2, check_dims))
+    # module suffix, the dim that holds hidden_size there: stored dims 1 and 2 swapped when hidden_size is not in
+    # it (transformers' Transpose(1, 2, check_dims=True))
+    transposed: tuple[tuple[str, int], ...] = ()
 
 
 # By config.json's model_type (transformers saves them so too: its conversion_mapping runs backwards on save).
@@ -136,6 +137,27 @@ def language_model_view(meta: WeightsMeta, config: dict) -> LanguageModelView:
     release = _RELEASES.get(str(config.get("model_type")), _Release())
     if not release.vision and not any(n.startswith(p) for n in meta.tensors for p, _ in _LM_PREFIXES):
         return LanguageModelView({}, {}, set(), meta)
+    names = _text_names(meta, release)
+    fused = {}
+    for target, parts in release.fused:
+        for head in [n[: -len(parts[0])] for n in names if n.endswith(parts[0])]:
+            fused[head + target] = [names.pop(head + part) for part in parts]
+    tensors = {new: meta.tensors[stored] for new, stored in names.items()}
+    for new, stored in fused.items():  # (E, rows, cols) parts -> (E, sum of rows, cols)
+        first = meta.tensors[stored[0]]
+        rows = sum(meta.tensors[k].shape[1] for k in stored)
+        tensors[new] = TensorInfo(first.dtype, (first.shape[0], rows, *first.shape[2:]), first.file,
+                                  sum(meta.tensors[k].nbytes for k in stored))
+    transposed = _transposed(tensors, release, (config.get("text_config") or config).get("hidden_size"))
+    for n in transposed:
+        t = tensors[n]
+        tensors[n] = TensorInfo(t.dtype, (t.shape[0], t.shape[2], t.shape[1]), t.file, t.stored_bytes)
+    files = sorted({t.file for t in tensors.values()})
+    return LanguageModelView(names, fused, transposed, WeightsMeta(files=files, tensors=tensors))
+
+
+def _text_names(meta: WeightsMeta, release: _Release) -> dict[str, str]:
+    """{text-model name: stored name} for the language model's stored tensors (the tower's left out)."""
     names = {}
     for stored in meta.tensors:
         if release.vision and stored.startswith(release.vision):
@@ -145,24 +167,13 @@ def language_model_view(meta: WeightsMeta, config: dict) -> LanguageModelView:
             new = stored
         if new is not None:
             names[functools.reduce(lambda k, r: k.replace(*r), release.renames, new)] = stored
-    fused = {}
-    for target, parts in release.fused:
-        for head in [n[: -len(parts[0])] for n in names if n.endswith(parts[0])]:
-            fused[head + target] = [names.pop(head + part) for part in parts]
-    tensors = {new: meta.tensors[stored] for new, stored in names.items()}
-    for new, stored in fused.items():
-        first = meta.tensors[stored[0]]
-        rows = sum(meta.tensors[k].shape[1] for k in stored)
-        tensors[new] = TensorInfo(first.dtype, (first.shape[0], rows, *first.shape[2:]), first.file,
-                                  sum(meta.tensors[k].nbytes for k in stored))
-    hidden = (config.get("text_config") or config).get("hidden_size")
-    transposed = {n for n, t in tensors.items() for suffix, dim in release.transposed
-                  if n.endswith(suffix) and t.shape[dim] != hidden and t.shape[3 - dim] == hidden}
-    for n in transposed:
-        t = tensors[n]
-        tensors[n] = TensorInfo(t.dtype, (t.shape[0], t.shape[2], t.shape[1]), t.file, t.stored_bytes)
-    files = sorted({t.file for t in tensors.values()})
-    return LanguageModelView(names, fused, transposed, WeightsMeta(files=files, tensors=tensors))
+    return names
+
+
+def _transposed(tensors: dict[str, TensorInfo], release: _Release, hidden) -> set[str]:
+    """Names of the 3-D tensors stored with dims 1 and 2 swapped: hidden_size not where the module holds it."""
+    return {n for n, t in tensors.items() for suffix, dim in release.transposed
+            if n.endswith(suffix) and t.shape[dim] != hidden and t.shape[3 - dim] == hidden}
 
 
 def _split_scales(meta: WeightsMeta) -> dict[str, str]:
