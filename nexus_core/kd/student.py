@@ -26,6 +26,7 @@ from nexus_core.kd import dense_student, width
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
 from nexus_core.teachers.loading import load_config, load_model
+from nexus_core.teachers.text_models import NO_STUDENT
 from nexus_core.teachers.weights import open_weights
 
 log = structlog.get_logger("nexus.distill")
@@ -129,6 +130,11 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
 
     teacher = plan.primary_teacher
     t_config = load_config(teacher)  # config.json, or a GGUF file's metadata
+    why_not = NO_STUDENT.get(t_config.get_text_config().model_type)
+    if why_not and not cfg.student.config:
+        raise BadInputError(f"teacher {teacher.teacher_id!r} cannot be the primary teacher: {why_not}; make another "
+                            f"teacher primary (\"primary\": true in its registry JSON) or set --student-config to an "
+                            f"HF config.json for the student")
     L = t_config.get_text_config().num_hidden_layers
     kept = pick_layers(profile.get("layer_importance"), L, keep_count(cfg, L))
     moe = dense_student.is_moe(t_config)  # a MoE teacher seeds its dense sibling (kd/dense_student.py)

@@ -37,37 +37,49 @@ def config_from(path, trust_remote_code: bool = False):
     return language_model_config(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), path)
 
 
-# Language models of vision-language teachers that transformers builds only inside the multimodal model, and
-# the text model that computes the same thing on text: Qwen3-VL's text model is Qwen3 with multimodal RoPE,
-# which on text alone (the three position components equal) is Qwen3's RoPE (tests/test_vision_language.py).
-TEXT_AS = {"qwen3_vl_text": "qwen3"}
+# Language models of vision-language teachers that transformers builds only inside the multimodal model:
+# model_type -> (the text model that computes the same thing on text, config fields the multimodal text model
+# hard-codes). Their multimodal RoPE is plain RoPE on text alone (the three position components are equal,
+# whatever mrope_section or interleaving), so Qwen3-VL runs as Qwen3 and Qwen2.5-VL as Qwen2 (q/k/v biases,
+# no qk norm, like Qwen2); Qwen3-VL-MoE's router always renormalises its top-k weights, which Qwen3-MoE does
+# with norm_topk_prob. tests/test_vision_language.py checks each against the multimodal model's own forward.
+TEXT_AS = {"qwen3_vl_text": ("qwen3", {}), "qwen2_5_vl_text": ("qwen2", {}),
+           "qwen3_vl_moe_text": ("qwen3_moe", {"norm_topk_prob": True})}
 
 
 def _as_text_model(text):
     from transformers import CONFIG_MAPPING
 
-    target = CONFIG_MAPPING[TEXT_AS[text.model_type]]
-    known = set(target().to_dict())
+    model_type, fixed = TEXT_AS[text.model_type]
+    target = CONFIG_MAPPING[model_type]
+    # head_dim too: attention modules read it whenever a config sets it, declared or not (Qwen3-MoE's is not,
+    # and its fallback hidden_size // heads is 64 where Qwen3-VL-30B-A3B's is 128)
+    known = set(target().to_dict()) | {"head_dim"}
     src = {k: v for k, v in text.to_dict().items() if k in known and k not in ("model_type", "architectures")}
     rope = src.get("rope_parameters")
     if isinstance(rope, dict):  # the multimodal sections mean nothing without images
         src["rope_parameters"] = {k: v for k, v in rope.items() if not k.startswith("mrope")}
-    return target(**src)
+    return target(**{**src, **fixed})
 
 
 def language_model_config(config, path=""):
     """A vision-language teacher's config -> its language model's (Gemma 3, LLaVA, Mistral 3): the teacher is
     distilled on text, so only the language model is built, loaded or streamed, never the vision tower.
-    Qwen3-VL's language model runs as the text model TEXT_AS names. Any other config is returned as it is; a
-    vision-language model whose language model transformers cannot build as a causal LM on its own (Step3-VL's
-    step3p5, Qwen2.5-VL) is refused with that sentence."""
+    Qwen3-VL's, Qwen2.5-VL's and Qwen3-VL-MoE's language models run as the text model TEXT_AS names, Step3-VL's
+    as Nexus's own causal LM around transformers' text model (teachers/text_models.py). Any other config is
+    returned as it is; a vision-language model whose language model transformers cannot build as a causal LM
+    on its own is refused with that sentence."""
     import copy
 
     from transformers import AutoModelForCausalLM
 
+    from nexus_core.teachers import text_models
+
     text = config.get_text_config()
     if text is config:
         return config
+    if text.model_type in text_models.CAUSAL_LM:
+        text_models.register(text.model_type)
     if type(text) not in AutoModelForCausalLM._model_mapping and text.model_type in TEXT_AS:
         text = _as_text_model(text)
     if type(text) not in AutoModelForCausalLM._model_mapping:
@@ -76,9 +88,11 @@ def language_model_config(config, path=""):
             f"({text.model_type}) transformers cannot build as a text-only causal LM, so Nexus cannot distil it "
             f"yet; use its language model saved on its own (a text-only checkpoint) as the teacher")
     text = copy.deepcopy(text)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(text, key, None) is None and getattr(config, key, None) is not None:
             setattr(text, key, getattr(config, key))
+    if getattr(config, "tie_word_embeddings", None) is not None:  # the multimodal model ties its head by its own
+        text.tie_word_embeddings = config.tie_word_embeddings      # flag (Qwen3-VL-MoE's text config says True)
     return text
 
 

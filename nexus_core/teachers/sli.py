@@ -83,6 +83,14 @@ def _persistent(module: nn.Module, local: str) -> bool:
     return attr not in owner._non_persistent_buffers_set
 
 
+def _most_heads(text) -> int:
+    """The most attention heads any layer has (Step3-VL's differ by layer; its config refuses a global read)."""
+    per_layer = getattr(text, "per_layer_config", None)
+    if per_layer is None:
+        return int(text.num_attention_heads)
+    return max(int(per_layer[i].num_attention_heads) for i in range(text.num_hidden_layers))
+
+
 class StreamingRunner:
     """TeacherRunner that streams decoder layers from the safetensors files (see module docstring)."""
 
@@ -309,7 +317,7 @@ class StreamingRunner:
         store = n * T * H * elt * (1 + kept)
         spill = store > free // 2
         # One sequence through one layer: residual, normed copy, q/k/v/o, MLP intermediates, attention scores.
-        per_seq = T * elt * (8 * H + 4 * inter) + T * T * text.num_attention_heads * 4
+        per_seq = T * elt * (8 * H + 4 * inter) + T * T * _most_heads(text) * 4
         mb = max(1, min(n, (free - (0 if spill else store)) // per_seq))
         return int(min(mb, self.micro_batch or n)), spill
 

@@ -27,6 +27,7 @@ SUPPORTED = {
     "qwen3_moe": "Qwen3-MoE", "deepseek_v3": "DeepSeek-V3/R1 (MLA, shared + group-routed experts)",
     "gemma3_text": "Gemma 3 text (interleaved sliding/global layers)", "phi3": "Phi-3/4 (fused qkv and gate_up)",
     "gpt_oss": "gpt-oss (experts with biases, attention sinks)",
+    "step3p5": "Step3-VL's language model (gated attention, clamped experts with a shared one)",
 }
 
 # Quantisation formats whose tensors the weight store dequantises one tensor at a time (teachers/weights.py),

@@ -13,9 +13,11 @@ GGUF files (`teachers.gguf.GGUFStore`, dequantised); other formats add their own
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -52,8 +54,9 @@ class SafetensorsStore:
         self.block = _block_size(self.path) if self.scales else None
         self.mxfp4 = _split_mxfp4(self.meta)  # MXFP4 tensor name -> (its _blocks, its _scales)
         self.files = files
-        # A vision-language checkpoint: only its language model, under a text model's names (name -> stored name)
-        self.stored_name, self.meta = language_model_view(self.meta)
+        # A vision-language checkpoint: only its language model, under a text model's names
+        self.view = language_model_view(self.meta, _config_json(self.path))
+        self.stored_name, self.meta = self.view.stored_name, self.view.meta
         self.language_model_only = bool(self.stored_name)
 
     @contextmanager
@@ -71,38 +74,106 @@ class SafetensorsStore:
                 self.bytes_read += t.numel() * t.element_size()
                 return t
 
-            def read(name: str) -> torch.Tensor:
-                name = self.stored_name.get(name, name)
+            def stored(name: str) -> torch.Tensor:
                 if name in self.mxfp4:
                     blocks, scales = self.mxfp4[name]
                     return dequantise_mxfp4(raw(blocks), raw(scales))
                 if name in self.scales:
                     return dequantise_block_fp8(raw(name), raw(self.scales[name]), self.block, name)
                 return raw(name)
+
+            def read(name: str) -> torch.Tensor:
+                if name in self.view.fused:  # (E, rows_a + rows_b, cols) from its stacked parts
+                    return torch.cat([stored(part) for part in self.view.fused[name]], dim=1)
+                t = stored(self.stored_name.get(name, name))
+                return t.transpose(1, 2).contiguous() if name in self.view.transposed else t  # stored (E, b, a)
             yield read
 
 
 # Where vision-language checkpoints keep their language model (transformers' save layout and the original
-# releases: Gemma 3, LLaVA, Mistral 3), and the text model's name for it.
+# releases: Gemma 3, LLaVA, Mistral 3, Qwen3-VL), and the text model's name for it.
 _LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                 ("language_model.lm_head.", "lm_head."), ("language_model.", ""))
 
 
-def language_model_view(meta: WeightsMeta) -> tuple[dict[str, str], WeightsMeta]:
-    """({text-model name: stored name}, meta of the language model's tensors alone) for a vision-language
-    checkpoint: the vision tower and projector are left out, so nothing ever reads them. ({}, meta) otherwise."""
-    if not any(n.startswith(p) for n in meta.tensors for p, _ in _LM_PREFIXES):
-        return {}, meta
+@dataclass(frozen=True)
+class _Release:
+    """How a vision-language release stores its language model, where transformers' key conversions differ."""
+    vision: tuple[str, ...] = ()  # the tower's prefixes, beside a language model under text-model names (model.*)
+    renames: tuple[tuple[str, str], ...] = ()            # stored -> transformers' module name (substrings)
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()  # module suffix <- stored suffixes, concatenated on dim 1
+    # module suffix, the dim that holds hidden_size there: stored dims 1 and 2 swapped when hidden_size is not in
+    # it (transformers' Transpose(1, 2, check_dims=True))
+    transposed: tuple[tuple[str, int], ...] = ()
+
+
+# By config.json's model_type (transformers saves them so too: its conversion_mapping runs backwards on save).
+# Qwen2.5-VL keeps `model.layers.*` beside `visual.*`. Step3-VL keeps them beside `vision_model.*` and stacks each
+# layer's experts as moe.{gate,up,down}_proj (E, rows, cols), held as gate_up_proj = cat(gate, up) on dim 1
+# (conversion_mapping's "step3p7"). Qwen3-VL-MoE's release stores its fused experts (E, H, 2I) and (E, I, H).
+_RELEASES = {
+    "qwen2_5_vl": _Release(vision=("visual.",)),
+    "step3p7": _Release(
+        vision=("vision_model.", "vit_large_projector."),
+        renames=((".moe.gate.weight", ".mlp.gate.weight"), (".moe.router_bias", ".mlp.gate.e_score_correction_bias"),
+                 (".moe.down_proj.weight", ".mlp.experts.down_proj"), (".share_expert.", ".mlp.shared_experts.")),
+        fused=((".mlp.experts.gate_up_proj", (".moe.gate_proj.weight", ".moe.up_proj.weight")),)),
+    "qwen3_vl_moe": _Release(transposed=((".mlp.experts.gate_up_proj", 2), (".mlp.experts.down_proj", 1))),
+}
+
+
+@dataclass
+class LanguageModelView:
+    """A vision-language checkpoint's language model under the text model's names; empty for any other."""
+    stored_name: dict[str, str]       # text-model name -> stored name
+    fused: dict[str, list[str]]       # text-model name -> stored names to concatenate on dim 1
+    transposed: set[str]              # text-model names stored with dims 1 and 2 swapped
+    meta: WeightsMeta                 # the language model's tensors alone, as the modules hold them
+
+
+def language_model_view(meta: WeightsMeta, config: dict) -> LanguageModelView:
+    """The language model of a vision-language checkpoint (config: its config.json): the vision tower and
+    projector are left out, so nothing ever reads them."""
+    release = _RELEASES.get(str(config.get("model_type")), _Release())
+    if not release.vision and not any(n.startswith(p) for n in meta.tensors for p, _ in _LM_PREFIXES):
+        return LanguageModelView({}, {}, set(), meta)
+    names = _text_names(meta, release)
+    fused = {}
+    for target, parts in release.fused:
+        for head in [n[: -len(parts[0])] for n in names if n.endswith(parts[0])]:
+            fused[head + target] = [names.pop(head + part) for part in parts]
+    tensors = {new: meta.tensors[stored] for new, stored in names.items()}
+    for new, stored in fused.items():  # (E, rows, cols) parts -> (E, sum of rows, cols)
+        first = meta.tensors[stored[0]]
+        rows = sum(meta.tensors[k].shape[1] for k in stored)
+        tensors[new] = TensorInfo(first.dtype, (first.shape[0], rows, *first.shape[2:]), first.file,
+                                  sum(meta.tensors[k].nbytes for k in stored))
+    transposed = _transposed(tensors, release, (config.get("text_config") or config).get("hidden_size"))
+    for n in transposed:
+        t = tensors[n]
+        tensors[n] = TensorInfo(t.dtype, (t.shape[0], t.shape[2], t.shape[1]), t.file, t.stored_bytes)
+    files = sorted({t.file for t in tensors.values()})
+    return LanguageModelView(names, fused, transposed, WeightsMeta(files=files, tensors=tensors))
+
+
+def _text_names(meta: WeightsMeta, release: _Release) -> dict[str, str]:
+    """{text-model name: stored name} for the language model's stored tensors (the tower's left out)."""
     names = {}
     for stored in meta.tensors:
+        if release.vision and stored.startswith(release.vision):
+            continue
         new = next((to + stored[len(p):] for p, to in _LM_PREFIXES if stored.startswith(p)), None)
-        if new is None and stored.startswith("lm_head."):
+        if new is None and (release.vision or stored.startswith("lm_head.")):
             new = stored
         if new is not None:
-            names[new] = stored
-    tensors = {new: meta.tensors[stored] for new, stored in names.items()}
-    files = sorted({t.file for t in tensors.values()})
-    return names, WeightsMeta(files=files, tensors=tensors)
+            names[functools.reduce(lambda k, r: k.replace(*r), release.renames, new)] = stored
+    return names
+
+
+def _transposed(tensors: dict[str, TensorInfo], release: _Release, hidden) -> set[str]:
+    """Names of the 3-D tensors stored with dims 1 and 2 swapped: hidden_size not where the module holds it."""
+    return {n for n, t in tensors.items() for suffix, dim in release.transposed
+            if n.endswith(suffix) and t.shape[dim] != hidden and t.shape[3 - dim] == hidden}
 
 
 def _split_scales(meta: WeightsMeta) -> dict[str, str]:
@@ -118,12 +189,16 @@ def _split_scales(meta: WeightsMeta) -> dict[str, str]:
     return scales
 
 
+def _config_json(model_dir: Path) -> dict:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _block_size(model_dir: Path) -> tuple[int, int]:
     """quantization_config.weight_block_size from config.json (DeepSeek-V3: [128, 128])."""
-    try:
-        q = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        q = {}
+    q = _config_json(model_dir).get("quantization_config") or {}
     rows, cols = q.get("weight_block_size") or (128, 128)
     return int(rows), int(cols)
 
