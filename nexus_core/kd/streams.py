@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from nexus_core.kd.domain_quality import loss_per_char
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
 from nexus_core.records.registry import Teacher
+from nexus_core.storage import shards
 from nexus_core.storage.atomic import sha256_file
 
 log = structlog.get_logger("nexus.distill")
@@ -77,25 +77,13 @@ class Stream:
         return self.sources[0].n
 
 
-def _read_manifest(folder: Path) -> dict:
-    mpath = folder / "manifest.json"
-    if not mpath.exists():
-        raise CorruptArtifactError(f"shards {folder}: no manifest.json; run the extract stage for this teacher and dataset")
-    try:
-        m = json.loads(mpath.read_text())
-        assert isinstance(m, dict) and isinstance(m["shards"], list)
-        return m
-    except (OSError, ValueError, KeyError, AssertionError) as exc:
-        raise CorruptArtifactError(f"shards {mpath}: unreadable manifest ({exc}); delete {folder} and rerun extract") from None
-
-
 def verify_source(cfg: Settings, paths: Paths, teacher: Teacher, dataset: str, tokenizer_fp: str | None,
                   augmented: bool = False) -> Source:
     """Check one teacher's shards for one dataset (or their augmented rows, augment.py) against the
     plan; raise naming the bad shard."""
     folder = paths.shard_dir(teacher.teacher_id, DatasetRef.parse(dataset).slug)
     folder = augment.folder(folder) if augmented else folder
-    m = _read_manifest(folder)
+    m = shards.read_manifest(folder)  # CorruptArtifactError naming the folder when missing or malformed
     where = f"shards {folder}"
     redo = f"; delete {folder} (or `nexus reset`) and rerun extract"
     if not m.get("complete"):
