@@ -1,4 +1,5 @@
-"""Full-vocabulary logits, a chunk at a time: top-k ids and log-probabilities plus the exact tail mass.
+"""Full-vocabulary logits, a chunk at a time: top-k ids and log-probabilities plus the exact tail mass
+(extraction), or the next-token loss (held-out scoring).
 
 No caller ever holds more than one chunk of (positions, vocabulary) float32 logits."""
 
@@ -13,8 +14,11 @@ def logit_positions(ex, vocab: int) -> int:
     """Positions per full-vocabulary logits chunk: `extract.logit_chunk`, or (0) as many as fit in
     LOGIT_CHUNK_BYTES of float32 logits, so that the chunk stays small beside SLI's two resident layers
     (4,096 positions of a 152k vocabulary would be 2.4 GiB)."""
-    if ex.logit_chunk > 0:
-        return ex.logit_chunk
+    return ex.logit_chunk if ex.logit_chunk > 0 else auto_positions(vocab)
+
+
+def auto_positions(vocab: int) -> int:
+    """Positions per logits chunk when none is set: as many as fit in LOGIT_CHUNK_BYTES of float32 logits."""
     return max(1, min(4096, LOGIT_CHUNK_BYTES // (4 * max(vocab, 1))))
 
 
@@ -43,6 +47,20 @@ def topk_targets(logits_fn, flat: torch.Tensor, k: int, real_vocab: int, chunk: 
         tail[p0:p1] = (torch.logsumexp(z, dim=-1) - lse).clamp_min(LOG_EPS).cpu()  # log(1 - sum p_topk), exact
         del z
     return top_ids, top_lp, tail
+
+
+def token_nll(logits_fn, flat: torch.Tensor, targets: torch.Tensor, real_vocab: int, chunk: int) -> torch.Tensor:
+    """(P, H) final hidden states and (P,) target ids -> (P,) float32 -log p(target) over the real vocabulary.
+
+    A fused cross-entropy (logsumexp - target logit): per chunk of `chunk` positions only the (p, V)
+    logits exist, never a log-softmax beside them; the result stays on the logits' device."""
+    out = []
+    for p0 in range(0, flat.shape[0], chunk):
+        z = logits_fn(flat[p0:p0 + chunk].unsqueeze(0)).squeeze(0)[:, :real_vocab]  # (p, V) float32
+        t = targets[p0:p0 + chunk].to(z.device, torch.long)[:, None]  # (p, 1)
+        out.append(torch.logsumexp(z, dim=-1) - z.gather(-1, t).squeeze(-1))  # (p,)
+        del z
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 LOG_EPS = math.log(1e-30)  # tail_logmass floor when the top-k holds (numerically) all the mass

@@ -98,8 +98,19 @@ class FullRunner:
             from nexus_core.teachers.weights import open_weights
 
             dtype = default_dtype(device, open_weights(model_dir, self.config).meta.main_dtype)
-        model = load_model(teacher, dtype)
-        self.model = model.to(device).eval()
+        self._attach(load_model(teacher, dtype).to(device).eval(), device)
+
+    @classmethod
+    def of(cls, model, device: str) -> "FullRunner":
+        """A runner over a causal LM already in memory on `device` (the student, as evaluation scores it):
+        neither moved nor switched to eval mode, so the caller's training state is left alone."""
+        runner = cls.__new__(cls)
+        runner.config = model.config
+        runner._attach(model, device)
+        return runner
+
+    def _attach(self, model, device: str) -> None:
+        self.model = model
         self.device = device
         self.base = getattr(model, model.base_model_prefix)
         self.layers = decoder_layers(model)
