@@ -41,25 +41,37 @@ def _naive(model, ids, mask, chars, vocab: int) -> tuple[float, float]:
     return total / int(real.sum()), total / int(chars[:, 1:][real].sum())
 
 
-@pytest.mark.parametrize("chunk", [0, 3, 1])  # 0: the auto size (one chunk here); 3: a ragged last chunk
-def test_chunked_loss_equals_the_full_log_softmax(chunk):
+def _narrow_slices(monkeypatch, rows: int = 7) -> None:
+    """Vocabulary slices of `rows` head rows for 20 positions (fewer positions: wider): many slices, the last
+    one ragged, the targets spread over all of them."""
+    from nexus_core.teachers import logits
+
+    monkeypatch.setattr(logits, "LOGIT_CHUNK_BYTES", 4 * 20 * rows)
+    monkeypatch.setattr(logits, "MIN_VOCAB_SLICE", 1)
+
+
+@pytest.mark.parametrize("narrow", [False, True])  # one slice of the whole vocabulary, or many
+def test_sliced_loss_equals_the_full_log_softmax(narrow, monkeypatch):
+    if narrow:
+        _narrow_slices(monkeypatch)
     model = _tiny_lm()
     ids, mask, chars = _rows()
     loss, per_char = _naive(model, ids, mask, chars, VOCAB)
-    got = lm_loss(FullRunner.of(model, "cpu"), ids, mask, chars, VOCAB, "cpu", batch_size=2, logit_chunk=chunk)
+    got = lm_loss(FullRunner.of(model, "cpu"), ids, mask, chars, VOCAB, "cpu", batch_size=2)
     assert got["tokens"] == int((mask[:, :-1] * mask[:, 1:]).sum())
     assert got["loss"] == pytest.approx(loss, rel=1e-6, abs=1e-6)
     assert got["loss_per_char"] == pytest.approx(per_char, rel=1e-6, abs=1e-6)
 
 
-def test_full_head_width_matches_transformers_own_loss():
+def test_full_head_width_matches_transformers_own_loss(monkeypatch):
     """Independent of any reference written here: the model's own labels loss over the real targets."""
+    _narrow_slices(monkeypatch, rows=13)
     model = _tiny_lm()
     ids, mask, _ = _rows()
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
         expect = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
-    got = lm_loss(FullRunner.of(model, "cpu"), ids, mask, None, HEAD, "cpu", batch_size=3, logit_chunk=4)
+    got = lm_loss(FullRunner.of(model, "cpu"), ids, mask, None, HEAD, "cpu", batch_size=3)
     assert got["loss"] == pytest.approx(expect, rel=1e-6, abs=1e-6) and "loss_per_char" not in got
 
 

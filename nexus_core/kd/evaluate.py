@@ -77,8 +77,7 @@ def evaluate(cfg: Settings, plan: DistillPlan, paths: Paths, student, tokenizer,
         if batch is None:
             log.warning("distill.eval_skipped", dataset=d, reason="no held-out documents")
             continue
-        out[d] = {"student": lm_loss(scorer, *batch, vocab, device, logit_chunk=cfg.extract.logit_chunk),
-                  "teachers": {}}
+        out[d] = {"student": lm_loss(scorer, *batch, vocab, device), "teachers": {}}
     student.train(was_training)
     if not teachers:
         return out
@@ -98,7 +97,7 @@ def evaluate(cfg: Settings, plan: DistillPlan, paths: Paths, student, tokenizer,
         try:
             for d in out:
                 if d in plan.teacher_datasets(t) and batches.get(d) is not None:
-                    entry = lm_loss(runner, *batches[d], t_vocab, device, logit_chunk=cfg.extract.logit_chunk)
+                    entry = lm_loss(runner, *batches[d], t_vocab, device)
                     entry["tokenizer"] = "primary" if batches is sets else "own"
                     out[d]["teachers"][t.teacher_id] = entry
         finally:

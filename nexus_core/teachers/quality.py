@@ -9,7 +9,7 @@ import torch
 
 from nexus_core import data, progress
 from nexus_core.errors import DatasetError
-from nexus_core.teachers.logits import auto_positions, token_nll
+from nexus_core.teachers.logits import token_nll
 
 HELDOUT_QUALITY_SEQUENCES = 16
 
@@ -29,7 +29,7 @@ def heldout_quality(runner, tok, heldout: list[str], ex, real_vocab: int) -> dic
     except (NotImplementedError, DatasetError):
         return None
     chars = (ce - cs).clamp(min=0)  # (n, T) characters each token covers
-    out = lm_loss(runner, ids, mask, chars, real_vocab, "cpu", ex.batch_size, ex.logit_chunk)
+    out = lm_loss(runner, ids, mask, chars, real_vocab, "cpu", ex.batch_size)
     if out["tokens"] == 0 or "chars" not in out:
         return None
     return {k: out[k] for k in ("loss", "loss_per_char", "tokens", "chars")}
@@ -37,14 +37,13 @@ def heldout_quality(runner, tok, heldout: list[str], ex, real_vocab: int) -> dic
 
 @torch.no_grad()
 def lm_loss(runner, ids: torch.Tensor, mask: torch.Tensor, chars: torch.Tensor | None, vocab: int, device: str,
-            batch_size: int = 8, logit_chunk: int = 0) -> dict:
+            batch_size: int = 8) -> dict:
     """Mean next-token cross-entropy over real positions, per token and (with `chars`) per character of
     the target tokens. `runner` is a TeacherRunner (FullRunner.of(model) for a model in memory).
 
-    The decoder runs on the batch; the head then meets only the scored positions, `logit_chunk` of them
-    at a time (0: extraction's auto size), through a fused cross-entropy: the (b, T, V) float32 logits and
-    the log-softmax beside them that a plain forward builds made evaluation 4x its compute bound."""
-    chunk = logit_chunk or auto_positions(max(vocab, runner.head_vocab))
+    The decoder runs on the batch; the head then meets only the scored positions, a slice of the vocabulary
+    at a time (logits.token_nll): a plain forward builds the (b, T, V) float32 logits and a log-softmax
+    beside them (2 GiB per batch of 8 x 128 at a 262k vocabulary)."""
     total, count, n_chars = 0.0, 0, 0
     for i in range(0, ids.shape[0], batch_size):
         x = ids[i:i + batch_size].long().to(device)
@@ -52,7 +51,7 @@ def lm_loss(runner, ids: torch.Tensor, mask: torch.Tensor, chars: torch.Tensor |
         real = (m[:, :-1] * m[:, 1:]).bool()  # (b, T-1): position t predicts the real token t+1
         hidden = runner.forward(x, m).final_hidden  # (b, T, H)
         h = hidden[:, :-1][real.to(hidden.device)]  # (n, H): padding and the last position never meet the head
-        nll = token_nll(runner.logits, h, x[:, 1:][real], vocab, chunk)  # (n,)
+        nll = token_nll(runner.logits, h, x[:, 1:][real], vocab)  # (n,)
         progress.advance(x.shape[0], tokens=int(m.sum()))  # the caller's bar, if it opened one
         total += nll.double().sum().item()
         count += int(real.sum())

@@ -36,7 +36,7 @@ class TeacherRunner(Protocol):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 keep_layers: Sequence[int] = (), influence: bool = False) -> ForwardOutput: ...
 
-    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor: ...
+    def logits(self, final_hidden: torch.Tensor, rows: slice | None = None) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 
@@ -63,6 +63,19 @@ def apply_logit_transforms(config, logits: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def head_logits(config, head, hidden: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """(..., H) -> (..., V) float32 through the LM head and any final scaling/soft-capping; `rows` computes
+    only that slice of the head's rows (vocabulary entries): the transforms are element-wise, so the slice
+    of the whole."""
+    if rows is None:
+        z = head(hidden)
+    elif type(head) is torch.nn.Linear:
+        z = F.linear(hidden, head.weight[rows], None if head.bias is None else head.bias[rows])
+    else:  # a quantised or custom head: all of its rows, then the slice
+        z = head(hidden)[..., rows]
+    return apply_logit_transforms(config, z.float())
 
 
 def default_dtype(device: str, stored_dtype: str = "F32") -> torch.dtype:
@@ -156,9 +169,9 @@ class FullRunner:
                              influence=infl if influence else None)
 
     @torch.no_grad()
-    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """(b, T, H) -> (b, T, V) float32, including any final scaling/soft-capping."""
-        return apply_logit_transforms(self.config, self.head(final_hidden).float())
+    def logits(self, final_hidden: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """(b, T, H) -> (b, T, V) float32 (V: the head's `rows` when given), with any final scaling/soft-capping."""
+        return head_logits(self.config, self.head, final_hidden, rows)
 
     def close(self) -> None:
         self.model = self.base = self.layers = self.head = None
