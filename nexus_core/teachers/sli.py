@@ -35,9 +35,9 @@ from nexus_core.teachers.loading import config_from
 from nexus_core.teachers.runner import (
     _TORCH_DTYPES,
     ForwardOutput,
-    apply_logit_transforms,
     block_influence,
     default_dtype,
+    head_logits,
 )
 from nexus_core.teachers.sli_arch import (
     Recorder,
