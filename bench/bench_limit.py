@@ -1,6 +1,7 @@
 """Extraction throughput against the machine's compute bound, with real vocabularies (49k and 262k).
 
     python bench/bench_limit.py                 # SmolLM2 (49,152) and a generated Gemma-3-vocabulary model (262,144)
+    python bench/bench_limit.py --eval-only     # only step 3, the evaluation (minutes, not an hour)
     python bench/bench_limit.py --quick         # a smoke run of the harness, not a measurement
 
 Per model, in one process and one run:
@@ -15,7 +16,8 @@ Per model, in one process and one run:
    vocabulary part (head + log-softmax + top-k) so the gap to the bound has a place.
 3. Evaluation's loss function (kd/evaluate.lm_loss, as run_distill calls it) on the same model and tokens,
    beside its own bound (2 x (decoder + head params) / FLOP/s + the measured time of a float32 log-softmax
-   per position): measured only (its speed is another issue's work).
+   per position), and beside the evaluation as it was before issue 20 §3 (a plain forward: the whole
+   (b, T, V) logits and their log-softmax), alternated, best of two each, the two losses compared.
 Models: SmolLM2-135M-Instruct (bench/smollm2.py) and `gemma3-vocab`: a generated llama with Gemma-3's
 vocabulary (262,144) and Gemma-3-270M's widths (hidden 640, intermediate 2048, 4 heads, 1 KV head),
 4 layers, tied embeddings: its head dominates, as in small Gemma-3 models.
@@ -107,9 +109,45 @@ def log_softmax_seconds_per_position(vocab: int, positions: int, reps: int = 3) 
     return best / positions
 
 
-def measure(name: str, model_dir: Path, batches: int, batch_size: int, T: int, log) -> dict:
+@torch.no_grad()
+def lm_loss_before(model, ids, mask, vocab: int, batch_size: int = 8) -> float:
+    """The evaluation before issue 20 §3, kept as the reference: a plain forward, then the whole (b, T, V)
+    float32 logits and a log-softmax beside them, target log-probs gathered."""
+    total, count = 0.0, 0
+    for i in range(0, ids.shape[0], batch_size):
+        x, m = ids[i:i + batch_size], mask[i:i + batch_size]
+        logp = torch.log_softmax(model(input_ids=x, attention_mask=m).logits[..., :vocab].float(), dim=-1)
+        nll = -logp[:, :-1].gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)  # (b, T-1)
+        real = (m[:, :-1] * m[:, 1:]).bool()
+        total, count = total + nll[real].double().sum().item(), count + int(real.sum())
+    return total / max(count, 1)
+
+
+def measure_evaluation(runner, ids, mask, V: int, bound_s: float, log, name: str) -> dict:
+    """lm_loss against the evaluation before it, alternated (the load changes under both alike)."""
+    from nexus_core.kd.evaluate import lm_loss
+    from nexus_core.teachers.runner import FullRunner
+
+    runs = {"before": lambda: lm_loss_before(runner.model, ids, mask, V),
+            "after": lambda: lm_loss(FullRunner.of(runner.model, "cpu"), ids, mask, None, V, "cpu")["loss"]}
+    best, loss = {k: float("inf") for k in runs}, {}
+    for _ in range(2):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            loss[k] = run()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    tokens = int(mask.numel())
+    out = {"tokens": tokens, "bound_s_per_token": bound_s, "loss_before": loss["before"], "loss_after": loss["after"],
+           "loss_rel_diff": abs(loss["after"] - loss["before"]) / abs(loss["before"])}
+    for k in runs:
+        out[k] = {"seconds": best[k], "tok_s": tokens / best[k], "over_bound": (best[k] / tokens) / bound_s}
+    log(f"{name} evaluation: before {out['before']['over_bound']:.2f}x its bound, after (lm_loss) "
+        f"{out['after']['over_bound']:.2f}x; loss {loss['before']:.6f} / {loss['after']:.6f}")
+    return out
+
+
+def measure(name: str, model_dir: Path, batches: int, batch_size: int, T: int, log, eval_only: bool = False) -> dict:
     from nexus_core.config import ExtractSettings
-    from nexus_core.kd.evaluate import lm_loss, model_logits
     from nexus_core.storage.safetensors_meta import scan
     from nexus_core.teachers.logits import logit_positions, topk_targets
     from nexus_core.teachers.runner import FullRunner
@@ -132,7 +170,7 @@ def measure(name: str, model_dir: Path, batches: int, batch_size: int, T: int, l
     bound["s_per_token"] = bound["s_per_token_body"] + bound["s_per_token_head"] + vocab_s
     ids, mask = tokens_for(name, model_dir, batches * batch_size, T, V)
     rows = {}
-    for mode in ("full", "sli"):
+    for mode in () if eval_only else ("full", "sli"):
         r = runner if mode == "full" else StreamingRunner(model_dir, dtype=torch.float32)
         with torch.no_grad():
             r.forward(ids[:1, :16], mask[:1, :16])  # warm-up
@@ -159,15 +197,8 @@ def measure(name: str, model_dir: Path, batches: int, batch_size: int, T: int, l
         if mode == "sli":
             r.close()
     # Evaluation's loss function on the same tokens (the full model; run_distill evaluates the student this way).
-    model = runner.model
-    t0 = time.perf_counter()
-    lm_loss(model_logits(model), ids, mask, None, V, "cpu")
-    ev_s = time.perf_counter() - t0
-    ev_tokens = int(mask.numel())
     ev_bound = 2 * (body + head) / flops + log_softmax_seconds_per_position(V, chunk)
-    evaluation = {"tokens": ev_tokens, "seconds": ev_s, "tok_s": ev_tokens / ev_s,
-                  "bound_s_per_token": ev_bound, "over_bound": (ev_s / ev_tokens) / ev_bound}
-    log(f"{name} evaluation (lm_loss): {evaluation['tok_s']:.1f} tok/s = {evaluation['over_bound']:.2f}x its bound")
+    evaluation = measure_evaluation(runner, ids, mask, V, ev_bound, log, name)
     runner.close()
     return {"model": name, "model_dir": str(model_dir), "params": meta.params, "vocab": V, "hidden": H, "tied": tied,
             "layers": int(cfg.num_hidden_layers), "batch_size": batch_size, "seq_len": T, "logit_chunk": chunk,
@@ -175,8 +206,14 @@ def measure(name: str, model_dir: Path, batches: int, batch_size: int, T: int, l
 
 
 def render(r: dict) -> str:
-    lines = [f"Load average {r['load_before']} before, {r['load_after']} after; torch threads {r['threads']}; CPU, fp32.",
-             "", "| model | vocab | params | runner | tokens | extraction tok/s | compute bound tok/s | x bound "
+    lines = [f"Load average {r['load_before']} before, {r['load_after']} after; torch threads {r['threads']}; CPU, fp32."]
+    if any(m["extract"] for m in r["models"]):
+        lines += _extraction_table(r)
+    return "\n".join(lines + _evaluation_table(r))
+
+
+def _extraction_table(r: dict) -> list[str]:
+    lines = ["", "| model | vocab | params | runner | tokens | extraction tok/s | compute bound tok/s | x bound "
              "| decoder s/token: measured / bound | vocabulary s/token: measured / bound |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for m in r["models"]:
@@ -190,21 +227,35 @@ def render(r: dict) -> str:
               "of the full-vocabulary logsumexp / top-k / tail on one logits chunk. Measured in the same run: " + "; ".join(
                   f"{m['model']}: matmul {m['bound']['matmul_flops'] / 1e9:.0f} GFLOP/s, full-vocabulary arithmetic "
                   f"{m['bound']['vocab_s_per_position'] * 1e6:.0f} µs per position (chunk {m['logit_chunk']})"
-                  for m in r["models"]) + ".", "",
-              "| model | evaluation (kd/evaluate.lm_loss) tok/s | its bound tok/s | x bound |", "|---|---|---|---|"]
+                  for m in r["models"]) + "."]
+    return lines
+
+
+def _evaluation_table(r: dict) -> list[str]:
+    lines = ["", "| model | tokens | its bound tok/s | before: full logits + log-softmax tok/s (x bound) "
+             "| after: kd/evaluate.lm_loss tok/s (x bound) | loss before / after (relative difference) |",
+             "|---|---|---|---|---|---|"]
     for m in r["models"]:
         e = m["evaluation"]
-        lines.append(f"| {m['model']} | {e['tok_s']:.1f} | {1 / e['bound_s_per_token']:.1f} | {e['over_bound']:.2f}x |")
-    return "\n".join(lines)
+        b, a = e["before"], e["after"]
+        lines.append(f"| {m['model']} | {e['tokens']:,} | {1 / e['bound_s_per_token']:.1f} | {b['tok_s']:.1f} "
+                     f"({b['over_bound']:.2f}x) | {a['tok_s']:.1f} ({a['over_bound']:.2f}x) | {e['loss_before']:.6f} / "
+                     f"{e['loss_after']:.6f} ({e['loss_rel_diff']:.1e}) |")
+    lines += ["", "Evaluation's bound per token = 2 x (decoder + head parameters) / matmul FLOP/s + the measured "
+              "seconds per position of a float32 log-softmax over the vocabulary; " + "; ".join(
+                  f"{m['model']}: matmul {m['bound']['matmul_flops'] / 1e9:.0f} GFLOP/s" for m in r["models"]) + "."]
+    return lines
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,gemma3-vocab")
     ap.add_argument("--batches", type=int, default=4, help="batches per runner")
+    ap.add_argument("--eval-only", action="store_true", help="only the evaluation (step 3) and its bound")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", type=Path, default=OUT / "bench_limit.json")
+    ap.add_argument("--json", type=Path, help="default: bench/out/bench_limit.json (bench_limit_eval.json with --eval-only)")
     a = ap.parse_args()
+    a.json = a.json or OUT / ("bench_limit_eval.json" if a.eval_only else "bench_limit.json")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -220,7 +271,7 @@ def main() -> int:
         else:
             d, bs, T = gemma3_vocab_model(a.quick), 8, 128
         res["models"].append(measure(name, d, 1 if a.quick else a.batches, 2 if a.quick else bs, 32 if a.quick else T,
-                                     log))
+                                     log, a.eval_only))
     res["load_after"] = [round(x, 2) for x in os.getloadavg()]
     res["total_s"] = round(time.perf_counter() - t_start, 1)
     a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ import kd_workdir as kw  # noqa: E402
 
 from nexus_core import data  # noqa: E402
 from nexus_core.kd import loss as kd_loss  # noqa: E402
-from nexus_core.kd.evaluate import heldout, lm_loss, model_logits  # noqa: E402
+from nexus_core.kd.evaluate import heldout, lm_loss  # noqa: E402
 from nexus_core.kd.loader import ShardLoader  # noqa: E402
 from nexus_core.kd.streams import open_streams  # noqa: E402
 from nexus_core.kd.student import build_student  # noqa: E402
@@ -61,6 +61,7 @@ from nexus_core.records.plan import DistillPlan  # noqa: E402
 from nexus_core.records.registry import Teacher, _weight_files  # noqa: E402
 from nexus_core.stages.extract import run_extract  # noqa: E402
 from nexus_core.storage.profiles import read_profile, read_profiles  # noqa: E402
+from nexus_core.teachers.runner import FullRunner  # noqa: E402
 
 OUT = kw.OUT
 TRL = ("trl", "1.16.0")
@@ -183,7 +184,7 @@ def evaluate(model, cfg, paths, tok, vocab) -> dict:
     out = {}
     for d in kw.DATASETS:
         ids, mask, chars = heldout(cfg, paths, tok, d)
-        out[d] = lm_loss(model_logits(model), ids, mask, chars, vocab, "cpu")["loss"]
+        out[d] = lm_loss(FullRunner.of(model, "cpu"), ids, mask, chars, vocab, "cpu")["loss"]
     model.train()
     return out
 

@@ -9,11 +9,8 @@ teachers with different tokenizers, the student and the baseline compare (the re
 
 from __future__ import annotations
 
-import math
-
 import structlog
 import torch
-import torch.nn.functional as F
 
 from nexus_core import data, progress
 from nexus_core.config import Settings
@@ -21,6 +18,9 @@ from nexus_core.errors import DatasetError
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
 from nexus_core.teachers.loading import tokenizer_from
+from nexus_core.teachers.mode import open_runner
+from nexus_core.teachers.quality import lm_loss
+from nexus_core.teachers.runner import FullRunner
 
 log = structlog.get_logger("nexus.distill")
 MAX_HELDOUT_SEQUENCES = 64
@@ -43,37 +43,6 @@ def heldout(cfg: Settings, paths: Paths, tokenizer, dataset: str):
         return None
 
 
-@torch.no_grad()
-def lm_loss(logits_fn, ids: torch.Tensor, mask: torch.Tensor, chars: torch.Tensor | None, vocab: int, device: str,
-            batch_size: int = 8) -> dict:
-    """Mean next-token cross-entropy over real positions, per token and (with `chars`) per character of
-    the target tokens; logits_fn(ids, mask) -> (b, T, V)."""
-    total, count, n_chars = 0.0, 0, 0
-    for i in range(0, ids.shape[0], batch_size):
-        x = ids[i:i + batch_size].long().to(device)
-        m = mask[i:i + batch_size].long().to(device)
-        logp = F.log_softmax(logits_fn(x, m)[..., :vocab].float(), dim=-1)  # (b, T, V)
-        nll = -logp[:, :-1].gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)  # (b, T-1)
-        real = (m[:, :-1] * m[:, 1:]).bool()
-        progress.advance(x.shape[0], tokens=int(m.sum()))  # the caller's bar, if it opened one
-        total += nll[real].double().sum().item()
-        count += int(real.sum())
-        if chars is not None:
-            n_chars += int(chars[i:i + batch_size, 1:].to(device)[real].sum())
-    loss = total / max(count, 1)
-    out = {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4), "tokens": count}
-    if n_chars:
-        out.update(loss_per_char=round(total / n_chars, 6), chars=n_chars)
-    return out
-
-
-def model_logits(model):
-    def fn(x, m):
-        return model(input_ids=x, attention_mask=m).logits
-
-    return fn
-
-
 def _same_tokenizer(profiles: dict, plan: DistillPlan, teacher, tok, primary_tok) -> bool:
     """The teacher (its tokenizer `tok`) reads the primary's held-out rows as its own: same vocabulary
     and the same special prefix (a teacher that expects <bos> must not be scored on rows without it, data.py)."""
@@ -86,19 +55,12 @@ def _same_tokenizer(profiles: dict, plan: DistillPlan, teacher, tok, primary_tok
     return data.special_prefix(tok) == data.special_prefix(primary_tok)
 
 
-def _teacher_logits_fn(profile: dict, teacher, device: str):
-    """A teacher's logits function and a closer: full load, or the streaming runner for SLI teachers."""
+def _open_teacher(profile: dict, teacher, device: str):
+    """A teacher's runner for scoring: streamed layer by layer when its profile chose SLI, else loaded whole
+    (safetensors or GGUF; float32 on CPU, bfloat16 on an accelerator)."""
     mode = profile.get("mode", "full")
-    if mode == "sli":
-        from nexus_core.teachers.mode import open_runner
-
-        runner = open_runner(teacher, "sli", device)
-        return (lambda x, m: runner.logits(runner.forward(x, m).final_hidden)), runner.close
-    from nexus_core.teachers.loading import load_model
-
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = load_model(teacher, dtype).to(device)  # safetensors or GGUF
-    return model_logits(model), (lambda: None)
+    dtype = None if mode == "sli" else (torch.float32 if device == "cpu" else torch.bfloat16)
+    return open_runner(teacher, mode, device, dtype)
 
 
 def evaluate(cfg: Settings, plan: DistillPlan, paths: Paths, student, tokenizer, device: str,
@@ -110,11 +72,12 @@ def evaluate(cfg: Settings, plan: DistillPlan, paths: Paths, student, tokenizer,
     progress.expect(sum(b[0].shape[0] for b in sets.values() if b is not None) * (1 + len(plan.teachers) * teachers))
     was_training = student.training
     student.eval()
+    scorer = FullRunner.of(student, device)
     for d, batch in sets.items():
         if batch is None:
             log.warning("distill.eval_skipped", dataset=d, reason="no held-out documents")
             continue
-        out[d] = {"student": lm_loss(model_logits(student), *batch, vocab, device), "teachers": {}}
+        out[d] = {"student": lm_loss(scorer, *batch, vocab, device), "teachers": {}}
     student.train(was_training)
     if not teachers:
         return out
@@ -130,13 +93,13 @@ def evaluate(cfg: Settings, plan: DistillPlan, paths: Paths, student, tokenizer,
                 log.info("distill.eval_teacher_skipped", teacher=t.teacher_id,
                          reason="different tokenizer without character offsets")
                 continue
-        fn, close = _teacher_logits_fn(profiles.get(t.teacher_id) or {}, t, device)
+        runner = _open_teacher(profiles.get(t.teacher_id) or {}, t, device)
         try:
             for d in out:
                 if d in plan.teacher_datasets(t) and batches.get(d) is not None:
-                    entry = lm_loss(fn, *batches[d], t_vocab, device)
+                    entry = lm_loss(runner, *batches[d], t_vocab, device)
                     entry["tokenizer"] = "primary" if batches is sets else "own"
                     out[d]["teachers"][t.teacher_id] = entry
         finally:
-            close()
+            runner.close()
     return out

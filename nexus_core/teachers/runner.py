@@ -36,7 +36,7 @@ class TeacherRunner(Protocol):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 keep_layers: Sequence[int] = (), influence: bool = False) -> ForwardOutput: ...
 
-    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor: ...
+    def logits(self, final_hidden: torch.Tensor, rows: slice | None = None) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 
@@ -63,6 +63,19 @@ def apply_logit_transforms(config, logits: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def head_logits(config, head, hidden: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """(..., H) -> (..., V) float32 through the LM head and any final scaling/soft-capping; `rows` computes
+    only that slice of the head's rows (vocabulary entries): the transforms are element-wise, so the slice
+    of the whole."""
+    if rows is None:
+        z = head(hidden)
+    elif type(head) is torch.nn.Linear:
+        z = F.linear(hidden, head.weight[rows], None if head.bias is None else head.bias[rows])
+    else:  # a quantised or custom head: all of its rows, then the slice
+        z = head(hidden)[..., rows]
+    return apply_logit_transforms(config, z.float())
 
 
 def default_dtype(device: str, stored_dtype: str = "F32") -> torch.dtype:
@@ -98,8 +111,19 @@ class FullRunner:
             from nexus_core.teachers.weights import open_weights
 
             dtype = default_dtype(device, open_weights(model_dir, self.config).meta.main_dtype)
-        model = load_model(teacher, dtype)
-        self.model = model.to(device).eval()
+        self._attach(load_model(teacher, dtype).to(device).eval(), device)
+
+    @classmethod
+    def of(cls, model, device: str) -> "FullRunner":
+        """A runner over a causal LM already in memory on `device` (the student, as evaluation scores it):
+        neither moved nor switched to eval mode, so the caller's training state is left alone."""
+        runner = cls.__new__(cls)
+        runner.config = model.config
+        runner._attach(model, device)
+        return runner
+
+    def _attach(self, model, device: str) -> None:
+        self.model = model
         self.device = device
         self.base = getattr(model, model.base_model_prefix)
         self.layers = decoder_layers(model)
@@ -145,9 +169,9 @@ class FullRunner:
                              influence=infl if influence else None)
 
     @torch.no_grad()
-    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """(b, T, H) -> (b, T, V) float32, including any final scaling/soft-capping."""
-        return apply_logit_transforms(self.config, self.head(final_hidden).float())
+    def logits(self, final_hidden: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """(b, T, H) -> (b, T, V) float32 (V: the head's `rows` when given), with any final scaling/soft-capping."""
+        return head_logits(self.config, self.head, final_hidden, rows)
 
     def close(self) -> None:
         self.model = self.base = self.layers = self.head = None

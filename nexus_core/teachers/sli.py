@@ -35,9 +35,9 @@ from nexus_core.teachers.loading import config_from
 from nexus_core.teachers.runner import (
     _TORCH_DTYPES,
     ForwardOutput,
-    apply_logit_transforms,
     block_influence,
     default_dtype,
+    head_logits,
 )
 from nexus_core.teachers.sli_arch import (
     Recorder,
@@ -419,12 +419,13 @@ class StreamingRunner:
         return ForwardOutput(final_hidden=h, hidden=hidden, influence=infl if influence else None)
 
     @torch.no_grad()
-    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """(b, T, H) -> (b, T, V) float32 through the LM head, with any final scaling/soft-capping."""
+    def logits(self, final_hidden: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """(b, T, H) -> (b, T, V) float32 through the LM head (V: its `rows` when given), with any final
+        scaling/soft-capping."""
         if self._tail is None:
             self._tail = self._submit("tail").result()
             self._assign("tail", self._tail)
-        return apply_logit_transforms(self.config, self.head(final_hidden.to(self.device)).float())
+        return head_logits(self.config, self.head, final_hidden.to(self.device), rows)
 
     def close(self) -> None:
         if self._pool is not None:
