@@ -231,6 +231,17 @@ def test_student_layers_set_skips_the_search(trained):
     assert "depth_search" not in info and model.config.num_hidden_layers == 3 and info["params"] <= 90_000
 
 
+def test_when_no_depth_can_be_built_the_fixed_depth_path_says_why(trained):
+    from nexus_core.errors import BadInputError
+
+    cfg, plan, paths, _, _ = trained
+    with pytest.raises(BadInputError, match="even the narrowest"):  # no depth reaches the target
+        build_student(_with(cfg, params="1K"), plan, paths, "cpu", _profile(paths))
+    small = dataclasses.replace(_with(cfg, params="90K"), memory=dataclasses.replace(cfg.memory, budget="1MB"))
+    with pytest.raises(BadInputError, match="does not fit the memory budget"):  # none fits: --student-config helps
+        build_student(small, plan, paths, "cpu", _profile(paths))
+
+
 @pytest.fixture(scope="module")
 def base(trained):
     """A small teacher that uses all of its width and depth (a narrow MLP, trained long enough for its heads and

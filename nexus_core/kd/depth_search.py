@@ -64,7 +64,8 @@ def _try(build: Callable, n: int, rows, mask) -> tuple[dict, tuple | None]:
 
 def search(n_layers: int, build: Callable, rows: torch.Tensor, mask: torch.Tensor, scored_on: str):
     """The best of the candidate depths. build(n_keep) -> (model, info), raising BadInputError when that depth
-    cannot be built; returns (model, info) with info["depth_search"] recording every candidate and the choice."""
+    cannot be built; returns (model, info) with info["depth_search"] recording every candidate and the choice,
+    or None when no depth could be built (the caller's fixed-depth path then says why, or builds otherwise)."""
     t0 = time.monotonic()
     tried, held = [], None
     for n in depths(n_layers):
@@ -72,8 +73,9 @@ def search(n_layers: int, build: Callable, rows: torch.Tensor, mask: torch.Tenso
         row, held = _try(build, n, rows, mask)
         tried.append(row)
     scored = [r for r in tried if "score" in r]
-    if not scored:  # the shallowest depth's reason says what to change
-        raise BadInputError(tried[-1]["skipped"])
+    if not scored:
+        log.warning("distill.student_search", candidates=tried, chosen=None)
+        return None
     best = min(scored, key=lambda r: r["score"])  # min keeps the first on ties: the deeper candidate
     if held is not None and held[0] == best["layers"]:
         model, info = held[1], held[2]  # the last one built is the best: no need to build it again

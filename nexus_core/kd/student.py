@@ -155,7 +155,10 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
 
     skipped = _search_skipped(cfg, t_config, L, rows)
     if skipped is None:
-        return depth_search.search(L, build, rows, mask, _ranked_on(plan, rows))
+        found = depth_search.search(L, build, rows, mask, _ranked_on(plan, rows))
+        if found is not None:
+            return found
+        skipped = "no depth could be built (log: distill.student_search)"  # the path below says why, or falls back
     kept = pick_layers(profile.get("layer_importance"), L, keep_count(cfg, L))
     sized = _sized(cfg, t_config, kept)
     if sized.need <= budget:
@@ -232,7 +235,8 @@ def _from_config(cfg: Settings, teacher_id: str, t_config, sized: _Sized, budget
         raise BadInputError(
             f"the {'width' if sized.shape else 'depth'}-pruned student ({sized.params:,} parameters, "
             f"~{sized.need / 1e9:.1f} GB to train) does not fit the memory budget ({budget / 1e9:.1f} GB): set "
-            f"--student-layers lower, or --student-config to an HF config.json for a smaller student built from scratch")
+            f"--student-layers lower, or --student-config to an HF config.json for a smaller student built from "
+            f"scratch")
     path = Path(cfg.student.config).expanduser()
     try:
         s_config = config_from_json(path.read_text()) if path.is_file() else AutoConfig.from_pretrained(path)
@@ -247,8 +251,8 @@ def _from_config(cfg: Settings, teacher_id: str, t_config, sized: _Sized, budget
     log.warning("distill.student", source="config", config=str(path), params=params,
                 reason=f"the depth-pruned student (~{sized.need / 1e9:.1f} GB to train) exceeds the memory budget "
                        f"({budget / 1e9:.1f} GB); built from --student-config with {teacher_id}'s tokenizer")
-    return model, {"source": "config", "kept_layers": [], "teacher_layers": t_config.get_text_config().num_hidden_layers,
-                   "params": params}
+    L = t_config.get_text_config().num_hidden_layers
+    return model, {"source": "config", "kept_layers": [], "teacher_layers": L, "params": params}
 
 
 def _seed_pruned(model, teacher, kept: list[int], L: int, profile: dict, params: int) -> dict:
