@@ -148,9 +148,12 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
         """The student keeping n_keep layers; BadInputError when it cannot reach the target or fit the budget."""
         kept = pick_layers(profile.get("layer_importance"), L, n_keep)
         sized = _sized(cfg, t_config, kept)
-        if sized.need > budget:
-            raise BadInputError(f"{sized.params:,} parameters (~{sized.need / 1e9:.1f} GB to train) exceed the "
-                                f"memory budget ({budget / 1e9:.1f} GB)")
+        # A deep candidate's seed (its layers at the teacher's full width, beside the narrowed copy) can outweigh
+        # training the student when the target is a small share of the teacher.
+        if max(sized.need, sized.build_bytes) > budget:
+            raise BadInputError(f"{sized.params:,} parameters (~{sized.need / 1e9:.1f} GB to train, "
+                                f"~{sized.build_bytes / 1e9:.1f} GB to build) exceed the memory budget "
+                                f"({budget / 1e9:.1f} GB)")
         return _build(cfg, plan, t_config, kept, sized, profile, rows, mask)
 
     skipped = _search_skipped(cfg, t_config, L, rows)
@@ -198,6 +201,11 @@ class _Sized:
     def need(self) -> int:
         """Bytes to train it."""
         return int(self.params * TRAIN_BYTES_PER_PARAM * ACTIVATION_MARGIN)
+
+    @property
+    def build_bytes(self) -> int:
+        """Bytes to build it: the fp32 seed and its narrowed copy."""
+        return (self.seed_params + self.params) * 4
 
 
 def _student_config(t_config, kept: list[int]):
