@@ -65,12 +65,12 @@ from kd_workdir import (
 )
 
 from nexus_core import data
-from nexus_core.config import DistillSettings, StudentSettings  # noqa: E402
+from nexus_core.config import DistillSettings  # noqa: E402
 from nexus_core.kd import loss as kd_loss
 from nexus_core.kd.evaluate import MAX_HELDOUT_SEQUENCES
 from nexus_core.kd.loader import ShardLoader
 from nexus_core.kd.streams import open_streams
-from nexus_core.kd.student import build_student
+from nexus_core.kd.student import AUTO_LAYER_RATIO, build_student
 from nexus_core.kd.training import _optimizer  # noqa: E402
 from nexus_core.paths import Paths  # noqa: E402
 from nexus_core.records.plan import DistillPlan
@@ -203,7 +203,7 @@ def main() -> None:
     ap.add_argument("--distill-sequences", type=int, help="extract.max_samples: the KD/CE data budget per domain "
                     "(default 96; quick 24)")
     ap.add_argument("--student-layers", type=int, default=0, help="teacher layers the student keeps (default: "
-                    "StudentSettings.layer_ratio of them)")
+                    "student.AUTO_LAYER_RATIO of them)")
     ap.add_argument("--alpha", type=float, default=None, help="KD student's alpha (default: DistillSettings')")
     ap.add_argument("--temperature", type=float, default=None)
     ap.add_argument("--lr", type=float, default=None, help="KD student's peak lr (default: DistillSettings'); the "
@@ -341,7 +341,7 @@ def run_sweep(compare, teacher_layers: int, alpha: float, temperature: float, lr
               seeds) -> list[dict]:
     """Other settings, one seed each, every one against the plain fine-tune at its best lr for the same
     student and steps: a deeper student (the capacity question), KD's own knobs, and twice the steps."""
-    deeper = (layers or round(teacher_layers * StudentSettings().layer_ratio)) + 1
+    deeper = (layers or round(teacher_layers * AUTO_LAYER_RATIO)) + 1
     grid = [(f"student keeps {deeper} of {teacher_layers} layers", (alpha, temperature, lr, steps, deeper))] * (
         deeper <= teacher_layers)
     grid += [("alpha 1.0 (no CE term)", (1.0, temperature, lr, steps, layers)),

@@ -76,7 +76,9 @@ class ProfileSettings:
 
 @dataclass
 class StudentSettings:
-    layer_ratio: float = setting(0.5, "share of the primary teacher's layers the student keeps")
+    layer_ratio: float = setting(0.0, "share of the primary teacher's layers the student keeps; 0 = auto: with "
+                                 "--student-params the depth (all, 3/4 or 1/2 of the layers) whose width-pruned "
+                                 "student has the lowest cross-entropy on calibration rows, else 0.5")
     layers: int = setting(0, "layers the student keeps (overrides layer_ratio when > 0)")
     config: str = setting("", "HF config.json path for a student built from scratch (empty: depth-prune)")
     params: str = setting("", "student size: a count such as 60M or 1.2B, or a share of the primary teacher "
@@ -84,6 +86,9 @@ class StudentSettings:
                           "groups, then hidden channels) to at most that many parameters (empty: depth only)")
 
     def __post_init__(self):
+        if not 0.0 <= self.layer_ratio <= 1.0 or self.layers < 0:
+            raise ConfigError(f"--student-layer-ratio must be in (0, 1], or 0: auto (not {self.layer_ratio}), and "
+                              f"--student-layers >= 0 (not {self.layers})")
         if self.params:
             try:
                 n = parse_count(self.params)

@@ -69,7 +69,8 @@ def test_student_params_gives_a_student_at_or_just_under_the_target(trained, tmp
     from transformers import AutoModelForCausalLM
 
     cfg, plan, paths, ids, mask = trained
-    model, info = build_student(_with(cfg, params="90K"), plan, paths, "cpu", _profile(paths))
+    model, info = build_student(_with(cfg, params="90K", layer_ratio=0.5), plan, paths, "cpu", _profile(paths))
+    assert "depth_search" not in info  # the depth was set: no search
     n = sum(p.numel() for p in model.parameters())
     assert n == info["params"] <= 90_000
     c = model.config
@@ -88,7 +89,7 @@ def test_a_small_target_narrows_mlp_then_kv_groups_then_hidden(trained, tmp_path
     from transformers import AutoModelForCausalLM
 
     cfg, plan, paths, ids, _ = trained
-    model, info = build_student(_with(cfg, params="0.2"), plan, paths, "cpu", _profile(paths))
+    model, info = build_student(_with(cfg, params="0.2", layer_ratio=0.5), plan, paths, "cpu", _profile(paths))
     c, teacher_params = model.config, count_params(AutoModelForCausalLM.from_pretrained(plan.primary_teacher.path).config)
     assert info["params"] <= 0.2 * teacher_params
     assert (c.intermediate_size, c.num_key_value_heads, c.num_attention_heads, c.head_dim) == (32, 1, 2, 16)
@@ -150,6 +151,9 @@ def test_student_params_setting_is_checked(tmp_path):
         load_settings(tmp_path, environ={}, student={"params": "lots"})
     assert width.target_params("60M", 10**9) == 60_000_000 and width.target_params("0.5", 1000) == 500
     assert width.target_params("", 1000) is None
+    assert load_settings(tmp_path, environ={}).student.layer_ratio == 0  # auto
+    with pytest.raises(ConfigError, match="--student-layer-ratio"):
+        load_settings(tmp_path, environ={}, student={"layer_ratio": 1.5})
 
 
 @pytest.mark.slow
@@ -188,6 +192,8 @@ def test_a_moe_teachers_dense_student_is_width_pruned_too(tmp_path):
     assert student.config.model_type == "qwen3" and info["params"] <= target
     assert student.config.intermediate_size < seed.config.intermediate_size
     assert "no shards" in info["width"]["ranked_on"]
+    assert "no calibration rows" in info["depth_search"]["skipped"]  # nothing to score depths on: half the layers
+    assert student.config.num_hidden_layers == 2
     assert info["mlp_from_experts"]  # seeded from the busiest experts first, then narrowed
 
     d = mf.make_teacher(tmp_path / "deepseek_v3", DOCS, arch="deepseek_v3", vocab_size=300, **sizes)
@@ -196,3 +202,110 @@ def test_a_moe_teachers_dense_student_is_width_pruned_too(tmp_path):
     with pytest.raises(BadInputError, match="llama-style"):
         build_student(_with(cfg, params="0.1"), plan, paths, "cpu", read_profile(paths, "tiny"))
 
+
+
+# --- depth and width chosen together (kd/depth_search.py) -------------------------------------------
+
+def test_student_params_without_a_depth_searches_the_depths_and_keeps_the_best(trained):
+    from nexus_core.kd import depth_search
+    from nexus_core.kd.student import calibration_rows
+
+    cfg, plan, paths, ids, mask = trained
+    model, info = build_student(_with(cfg, params="90K"), plan, paths, "cpu", _profile(paths))
+    search = info["depth_search"]
+    assert [c["layers"] for c in search["candidates"]] == [4, 3, 2]  # all, 3/4 and 1/2 of the layers
+    best = min(search["candidates"], key=lambda c: c["score"])
+    assert search["chosen"] == best["layers"] == model.config.num_hidden_layers == len(info["kept_layers"])
+    assert all(c["params"] <= 90_000 for c in search["candidates"]) and info["params"] == best["params"] <= 90_000
+    assert "calibration rows" in search["scored_on"]
+    rows, rmask = calibration_rows(plan, paths, cfg.profile.calibration_samples)
+    assert depth_search.lm_loss(model, rows, rmask) == pytest.approx(best["score"], abs=1e-4)  # the one scored
+    again, info2 = build_student(_with(cfg, params="90K"), plan, paths, "cpu", _profile(paths))
+    assert info2["depth_search"]["candidates"] == search["candidates"]  # deterministic: same inputs, same choice
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_student_layers_set_skips_the_search(trained):
+    cfg, plan, paths, _, _ = trained
+    model, info = build_student(_with(cfg, params="90K", layers=3), plan, paths, "cpu", _profile(paths))
+    assert "depth_search" not in info and model.config.num_hidden_layers == 3 and info["params"] <= 90_000
+
+
+def test_when_no_depth_can_be_built_the_fixed_depth_path_says_why(trained):
+    from nexus_core.errors import BadInputError
+
+    cfg, plan, paths, _, _ = trained
+    with pytest.raises(BadInputError, match="even the narrowest"):  # no depth reaches the target
+        build_student(_with(cfg, params="1K"), plan, paths, "cpu", _profile(paths))
+    small = dataclasses.replace(_with(cfg, params="90K"), memory=dataclasses.replace(cfg.memory, budget="1MB"))
+    with pytest.raises(BadInputError, match="does not fit the memory budget"):  # none fits: --student-config helps
+        build_student(small, plan, paths, "cpu", _profile(paths))
+
+
+@pytest.fixture(scope="module")
+def base(trained):
+    """A small teacher that uses all of its width and depth (a narrow MLP, trained long enough for its heads and
+    layers to matter): cutting any of it costs measurable cross-entropy."""
+    from nexus_core.teachers.loading import tokenizer_from
+
+    cfg, plan, paths, ids, mask = trained
+    tok = tokenizer_from(plan.primary_teacher.path)
+    config = make_config("llama", vocab_size=len(tok), hidden=64, layers=4, heads=4, kv_heads=2, intermediate=32,
+                         tokenizer=tok, max_pos=64)
+    return _train(build_model(config, seed=0), ids, mask, steps=150), tok
+
+
+def _planted(trained, base, name: str, **sizes):
+    """A teacher computing exactly `base`'s function with room to spare: more `num_hidden_layers` (base's layers at
+    even positions, identity layers, o/down projections zero, between them) or a wider `intermediate_size` (the
+    MLP channels base lacks never fire)."""
+    cfg, _, paths, _, _ = trained
+    small, tok = base
+    config = small.config.__class__.from_dict({**small.config.to_dict(), **sizes})
+    model = build_model(config, seed=5).float()
+    every = config.num_hidden_layers // small.config.num_hidden_layers  # 2: every other layer is base's
+    small_state = small.state_dict()
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if "layers." in key:
+                j = int(key.split("layers.")[1].split(".")[0])
+                if j % every:  # an identity layer adds nothing to the residual stream
+                    if key.endswith(("o_proj.weight", "down_proj.weight")):
+                        t.zero_()
+                    continue
+                key = key.replace(f"layers.{j}.", f"layers.{j // every}.")
+            src = small_state[key]
+            t.zero_()  # channels base lacks stay dead
+            t[tuple(slice(0, n) for n in src.shape)] = src
+    folder = paths.home / "models" / name
+    save_model(model, tok, folder)
+    teacher = Teacher(teacher_id=name, path=str(folder.resolve()), status="ready", source=f"registry/{name}.json",
+                      weight_files=_weight_files(folder))
+    importance = [0.0 if j % every else 1.0 - j / (2 * config.num_hidden_layers)
+                  for j in range(config.num_hidden_layers)]  # block influence: 0 for an identity layer
+    write_profile(paths, teacher, tok, importance=importance, critical=[0], hidden=64)
+    write_shards(cfg, paths, teacher, DATASET, tok)
+    return DistillPlan(teachers=(teacher,), primary=name, datasets=(DATASET,))
+
+
+@pytest.mark.parametrize("spare", ["num_hidden_layers", "intermediate_size"])
+def test_the_search_cuts_what_the_teacher_can_spare(trained, base, spare):
+    """Cut to base's size, a teacher with spare identity layers must lose depth and one with spare MLP channels
+    width: the chosen student is then base itself (its cross-entropy), and every other candidate scores worse."""
+    from nexus_core.kd import depth_search
+    from nexus_core.kd.student import calibration_rows
+    from nexus_core.storage.profiles import read_profile
+
+    cfg, _, paths, _, _ = trained
+    small = base[0]
+    plan = _planted(trained, base, f"spare-{spare}", **{spare: 2 * getattr(small.config, spare)})
+    target = sum(p.numel() for p in small.parameters())
+    model, info = build_student(_with(cfg, params=str(target)), plan, paths, "cpu", read_profile(paths, plan.primary))
+    search = info["depth_search"]
+    scored = [c for c in search["candidates"] if "score" in c]
+    assert search["chosen"] == 4 and len(scored) >= 2, search["candidates"]
+    rows, rmask = calibration_rows(plan, paths, cfg.profile.calibration_samples)
+    exact = depth_search.lm_loss(small, rows, rmask)
+    best = next(c for c in scored if c["layers"] == 4)
+    assert best["score"] == pytest.approx(exact, abs=1e-3) and best["params"] == target
+    assert all(c["score"] > exact + 0.02 for c in scored if c is not best), (exact, search["candidates"])

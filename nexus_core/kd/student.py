@@ -4,8 +4,10 @@ Depth pruning keeps the layers the profile ranks most important (block influence
 their original order, and copies embeddings, norms and head, so the student starts from
 the teacher's knowledge. Weights are read tensor by tensor from the teacher's safetensors
 files, so the teacher itself is never loaded whole. With `--student-params` the kept layers are
-then width-pruned to the size asked for (kd/width.py). When the pruned student would not fit
-the memory budget, it is built from `cfg.student.config` (an HF config) instead.
+then width-pruned to the size asked for (kd/width.py); when the depth is not set as well, a few
+depths are tried and the one whose pruned student is closest to the data wins (kd/depth_search.py).
+When the pruned student would not fit the memory budget, it is built from `cfg.student.config`
+(an HF config) instead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -22,7 +25,7 @@ from safetensors import safe_open
 from nexus_core.config import Settings, parse_bytes
 from nexus_core.data import DatasetRef
 from nexus_core.errors import BadInputError
-from nexus_core.kd import dense_student, width
+from nexus_core.kd import dense_student, depth_search, width
 from nexus_core.paths import Paths
 from nexus_core.records.plan import DistillPlan
 from nexus_core.teachers.loading import load_config, load_model
@@ -33,6 +36,7 @@ log = structlog.get_logger("nexus.distill")
 _LAYER_RE = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
 TRAIN_BYTES_PER_PARAM = 16  # fp32 weights + grads + AdamW's two moments
 ACTIVATION_MARGIN = 1.25
+AUTO_LAYER_RATIO = 0.5  # the share of layers kept when the depth is left to Nexus and not searched for
 
 
 def memory_budget(cfg: Settings, device: str) -> int:
@@ -54,7 +58,8 @@ def count_params(config) -> int:
 
 
 def keep_count(cfg: Settings, n_layers: int) -> int:
-    n = cfg.student.layers if cfg.student.layers > 0 else round(n_layers * cfg.student.layer_ratio)
+    ratio = cfg.student.layer_ratio if cfg.student.layer_ratio > 0 else AUTO_LAYER_RATIO
+    n = cfg.student.layers if cfg.student.layers > 0 else round(n_layers * ratio)
     return max(1, min(n_layers, n))
 
 
@@ -125,9 +130,7 @@ def _copy_from_model(model, teacher_dir: Path, kept: list[int], trust_remote_cod
 
 def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, profile: dict):
     """A fresh student for the plan. Returns (model, info) with info = {source, kept_layers, params} (+ width
-    when --student-params narrowed it)."""
-    from transformers import AutoConfig
-
+    when --student-params narrowed it, + depth_search when the depth was searched for)."""
     teacher = plan.primary_teacher
     t_config = load_config(teacher)  # config.json, or a GGUF file's metadata
     why_not = NO_STUDENT.get(t_config.get_text_config().model_type)
@@ -136,28 +139,112 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
                             f"teacher primary (\"primary\": true in its registry JSON) or set --student-config to an "
                             f"HF config.json for the student")
     L = t_config.get_text_config().num_hidden_layers
+    # Loaded once: they rank the channels width pruning keeps and score the depths the search tries.
+    rows, mask = calibration_rows(plan, paths, max(cfg.profile.calibration_samples, 1)) if cfg.student.params \
+        else (None, None)
+    budget = memory_budget(cfg, device)
+
+    def build(n_keep: int):
+        """The student keeping n_keep layers; BadInputError when it cannot reach the target or fit the budget."""
+        kept = pick_layers(profile.get("layer_importance"), L, n_keep)
+        sized = _sized(cfg, t_config, kept)
+        # A deep candidate's seed (its layers at the teacher's full width, beside the narrowed copy) can outweigh
+        # training the student when the target is a small share of the teacher.
+        if max(sized.need, sized.build_bytes) > budget:
+            raise BadInputError(f"{sized.params:,} parameters (~{sized.need / 1e9:.1f} GB to train, "
+                                f"~{sized.build_bytes / 1e9:.1f} GB to build) exceed the memory budget "
+                                f"({budget / 1e9:.1f} GB)")
+        return _build(cfg, plan, t_config, kept, sized, profile, rows, mask)
+
+    skipped = _search_skipped(cfg, t_config, L, rows)
+    if skipped is None:
+        found = depth_search.search(L, build, rows, mask, _ranked_on(plan, rows))
+        if found is not None:
+            return found
+        skipped = "no depth could be built (log: distill.student_search)"  # the path below says why, or falls back
     kept = pick_layers(profile.get("layer_importance"), L, keep_count(cfg, L))
-    moe = dense_student.is_moe(t_config)  # a MoE teacher seeds its dense sibling (kd/dense_student.py)
-    s_config = dense_student.dense_config(t_config, kept) if moe else pruned_config(t_config, kept)
+    sized = _sized(cfg, t_config, kept)
+    if sized.need <= budget:
+        model, info = _build(cfg, plan, t_config, kept, sized, profile, rows, mask)
+        return model, ({**info, "depth_search": {"skipped": skipped}} if skipped else info)
+    return _from_config(cfg, teacher.teacher_id, t_config, sized, budget)
+
+
+def depth_is_auto(cfg: Settings) -> bool:
+    """Neither --student-layers nor --student-layer-ratio set: the depth is Nexus's to choose."""
+    return cfg.student.layers <= 0 and cfg.student.layer_ratio <= 0
+
+
+def _search_skipped(cfg: Settings, t_config, L: int, rows) -> str | None:
+    """None when the depth is searched for; else why not ("" when no search was asked for)."""
+    if not (cfg.student.params and depth_is_auto(cfg)):
+        return ""  # the user fixed the depth, or asked for no size
+    seed_config = _student_config(t_config, list(range(L)))
+    if not width.supports(seed_config):
+        return ""  # today's path, which says width pruning does not support it
+    if rows is None:
+        return f"no calibration rows (no shards yet) to score the depths on: kept {AUTO_LAYER_RATIO:.0%} of the layers"
+    return None
+
+
+@dataclass(frozen=True)
+class _Sized:
+    """A depth-pruned student config and the widths --student-params asks of it."""
+    config: object      # the seed's HF config: kept layers at the teacher's full width
+    moe: bool           # seeded from a MoE teacher's experts (kd/dense_student.py)
+    seed_params: int
+    shape: width.Shape | None  # None: no width pruning
+    target: int | None
+    params: int         # after width pruning
+
+    @property
+    def need(self) -> int:
+        """Bytes to train it."""
+        return int(self.params * TRAIN_BYTES_PER_PARAM * ACTIVATION_MARGIN)
+
+    @property
+    def build_bytes(self) -> int:
+        """Bytes to build it: the fp32 seed and its narrowed copy."""
+        return (self.seed_params + self.params) * 4
+
+
+def _student_config(t_config, kept: list[int]):
+    moe = dense_student.is_moe(t_config)  # a MoE teacher seeds its dense sibling
+    return dense_student.dense_config(t_config, kept) if moe else pruned_config(t_config, kept)
+
+
+def _sized(cfg: Settings, t_config, kept: list[int]) -> _Sized:
+    s_config = _student_config(t_config, kept)
     seed_params = count_params(s_config)
     shape, target = _width_target(cfg, t_config, s_config, seed_params)
     params = count_params(width.shaped_config(s_config, shape)) if shape else seed_params
-    need, budget = int(params * TRAIN_BYTES_PER_PARAM * ACTIVATION_MARGIN), memory_budget(cfg, device)
-    if need <= budget:
-        torch.manual_seed(cfg.run.seed)
-        model = model_from_config(s_config)  # the seed: kept layers at the teacher's full width
-        if moe:
-            info = _seed_dense(model, teacher, t_config, kept, profile, seed_params)
-        else:
-            info = _seed_pruned(model, teacher, kept, L, profile, seed_params)
-        if shape:
-            model, info = _narrow(cfg, plan, paths, model, info, shape, target)
-        return model, info
+    return _Sized(s_config, dense_student.is_moe(t_config), seed_params, shape, target, params)
+
+
+def _build(cfg: Settings, plan: DistillPlan, t_config, kept: list[int], sized: _Sized, profile: dict, rows, mask):
+    teacher = plan.primary_teacher
+    torch.manual_seed(cfg.run.seed)
+    model = model_from_config(sized.config)  # the seed: kept layers at the teacher's full width
+    L = t_config.get_text_config().num_hidden_layers
+    if sized.moe:
+        info = _seed_dense(model, teacher, t_config, kept, profile, sized.seed_params)
+    else:
+        info = _seed_pruned(model, teacher, kept, L, profile, sized.seed_params)
+    if sized.shape:
+        model, info = _narrow(model, info, sized.shape, sized.target, rows, mask, _ranked_on(plan, rows))
+    return model, info
+
+
+def _from_config(cfg: Settings, teacher_id: str, t_config, sized: _Sized, budget: int):
+    """The student built from --student-config, when the pruned one does not fit the memory budget."""
+    from transformers import AutoConfig
+
     if not cfg.student.config:
         raise BadInputError(
-            f"the {'width' if shape else 'depth'}-pruned student ({params:,} parameters, ~{need / 1e9:.1f} GB to train) does not fit the "
-            f"memory budget ({budget / 1e9:.1f} GB): set --student-layers lower, or --student-config to an HF "
-            f"config.json for a smaller student built from scratch")
+            f"the {'width' if sized.shape else 'depth'}-pruned student ({sized.params:,} parameters, "
+            f"~{sized.need / 1e9:.1f} GB to train) does not fit the memory budget ({budget / 1e9:.1f} GB): set "
+            f"--student-layers lower, or --student-config to an HF config.json for a smaller student built from "
+            f"scratch")
     path = Path(cfg.student.config).expanduser()
     try:
         s_config = config_from_json(path.read_text()) if path.is_file() else AutoConfig.from_pretrained(path)
@@ -170,8 +257,9 @@ def build_student(cfg: Settings, plan: DistillPlan, paths: Paths, device: str, p
     model = model_from_config(s_config)
     params = sum(p.numel() for p in model.parameters())
     log.warning("distill.student", source="config", config=str(path), params=params,
-                reason=f"the depth-pruned student (~{need / 1e9:.1f} GB to train) exceeds the memory budget "
-                       f"({budget / 1e9:.1f} GB); built from --student-config with {teacher.teacher_id}'s tokenizer")
+                reason=f"the depth-pruned student (~{sized.need / 1e9:.1f} GB to train) exceeds the memory budget "
+                       f"({budget / 1e9:.1f} GB); built from --student-config with {teacher_id}'s tokenizer")
+    L = t_config.get_text_config().num_hidden_layers
     return model, {"source": "config", "kept_layers": [], "teacher_layers": L, "params": params}
 
 
@@ -197,7 +285,8 @@ def _width_target(cfg: Settings, t_config, s_config, seed_params: int) -> tuple[
     if shape == width.teacher_shape(s_config):
         log.warning("distill.student_width", target=target, params=seed_params,
                     note="the depth-pruned student is already at or under --student-params; raise "
-                         "--student-layer-ratio to spend the rest of the budget on layers")
+                         "--student-layer-ratio (or leave it and --student-layers unset, so that deeper students "
+                         "are tried) to spend the rest of the budget on layers")
         return None, target
     return shape, target
 
@@ -223,14 +312,16 @@ def calibration_rows(plan: DistillPlan, paths: Paths, n: int) -> tuple[torch.Ten
     return torch.cat(ids)[:n], torch.cat(masks)[:n]
 
 
-def _narrow(cfg: Settings, plan: DistillPlan, paths: Paths, seed, info: dict, shape, target: int):
+def _ranked_on(plan: DistillPlan, rows) -> str:
+    return f"{rows.shape[0]} calibration rows of {plan.primary}'s shards" if rows is not None else \
+        "nothing (no shards yet: the first channels kept)"
+
+
+def _narrow(seed, info: dict, shape, target: int, rows, mask, ranked_on: str):
     """Width-prune the seed to `shape`, keeping the channels that are busiest on calibration rows."""
-    rows, mask = calibration_rows(plan, paths, max(cfg.profile.calibration_samples, 1))
     imp = width.measure(seed.eval(), rows, mask)
     model, _kept = width.narrow(seed, shape, imp)
     params = sum(p.numel() for p in model.parameters())
-    ranked_on = f"{rows.shape[0]} calibration rows of {plan.primary}'s shards" if rows is not None else \
-        "nothing (no shards yet: the first channels kept)"
     shape_d = {"layers": model.config.num_hidden_layers, "hidden": shape.hidden,
                "intermediate": shape.intermediate, "heads": model.config.num_attention_heads,
                "kv_heads": shape.kv_groups}
