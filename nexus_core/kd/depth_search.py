@@ -15,13 +15,14 @@ from typing import Callable
 
 import structlog
 import torch
-import torch.nn.functional as F
 
 from nexus_core.errors import BadInputError
+from nexus_core.teachers import quality
+from nexus_core.teachers.runner import FullRunner
 
 log = structlog.get_logger("nexus.distill")
 DEPTH_SHARES = (1.0, 0.75, 0.5)  # of the teacher's layers, deepest first: on a tie the deeper student wins
-SCORE_BATCH = 4  # rows per scoring forward: bounds the (b, T, vocab) logits
+SCORE_BATCH = 4  # rows per scoring forward
 
 
 def depths(n_layers: int) -> list[int]:
@@ -31,17 +32,11 @@ def depths(n_layers: int) -> list[int]:
 
 @torch.no_grad()
 def lm_loss(model, rows: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean next-token cross-entropy (nats per predicted token) of the model on rows (n, T)."""
+    """Mean next-token cross-entropy (nats per predicted token) of the model on rows (n, T), scored as
+    evaluation scores a student (teachers/quality.lm_loss: the head a vocabulary slice at a time)."""
     model.eval()
-    total, count = 0.0, 0
-    for s in range(0, rows.shape[0], SCORE_BATCH):
-        ids, m = rows[s:s + SCORE_BATCH], mask[s:s + SCORE_BATCH]
-        logits = model(input_ids=ids, attention_mask=m).logits[:, :-1].float()  # (b, T-1, V)
-        labels = ids[:, 1:].masked_fill(m[:, 1:] == 0, -100)  # (b, T-1)
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100, reduction="sum"))
-        count += int((labels != -100).sum())
-    return total / max(count, 1)
+    runner = FullRunner.of(model, str(rows.device))
+    return quality.lm_loss(runner, rows, mask, None, model.config.vocab_size, str(rows.device), SCORE_BATCH)["loss"]
 
 
 def _shape(config) -> dict:
