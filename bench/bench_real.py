@@ -25,7 +25,6 @@ Writes bench/out/bench_real.json and the "Real model (SmolLM2-135M GGUF)" sectio
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -214,12 +213,10 @@ def ce_sweep(home: Path, lrs: list[float], env_extra: dict) -> dict:
     done = [s for s in state.stages.values() if s.stage == "distill" and s.spec]
     plan = DistillPlan.from_dict(max(done, key=lambda s: s.finished_ts or "").spec["plan"])
     steps = int(json.loads((home / "results" / "eval.json").read_text())["steps"])  # the steps KD took
-    out = {}
-    for lr in lrs:
-        c = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, lr=lr))
-        r = run_ce_baseline(c, plan, paths, steps=steps)
-        out[str(lr)] = {d: v["loss"] for d, v in r["datasets"].items()} | {"seconds": r["seconds"]}
-    return out
+    # lrs given: swept as given (run_ce_baseline extends only its own default sweep)
+    r = run_ce_baseline(cfg, plan, paths, steps=steps, lrs=lrs)
+    return {str(s["lr"]): {d: v["loss"] for d, v in s["datasets"].items()} | {"seconds": r["seconds"]}
+            for s in r["sweep"]}
 
 
 def generate(release: Path, gguf: Path, max_new: int) -> dict:
