@@ -46,6 +46,9 @@ def topk_targets(logits_fn, flat: torch.Tensor, k: int, real_vocab: int, chunk: 
     return top_ids, top_lp, tail
 
 
+MIN_VOCAB_SLICE = 1024  # head rows per slice at least: narrower slices starve the head matmul
+
+
 def token_nll(logits_fn, flat: torch.Tensor, targets: torch.Tensor, real_vocab: int) -> torch.Tensor:
     """(P, H) final hidden states and (P,) target ids -> (P,) float32 -log p(target) over the real vocabulary.
 
@@ -66,9 +69,6 @@ def token_nll(logits_fn, flat: torch.Tensor, targets: torch.Tensor, real_vocab: 
         picked = here if picked is None else torch.where((t >= v0) & (t < v1), here, picked)
         del z
     return lse - picked
-
-
-MIN_VOCAB_SLICE = 1024  # head rows per slice at least: narrower slices starve the head matmul
 
 
 LOG_EPS = math.log(1e-30)  # tail_logmass floor when the top-k holds (numerically) all the mass
