@@ -196,21 +196,57 @@ def test_nexus_toml_env_and_flags_can_switch_the_rule_off(tmp_path):
     assert (cfg.extract.augment, cfg.extract.augment_samples) == (0, 0)
 
 
+@pytest.fixture(scope="module")
+def seen_teacher(tmp_path_factory, teachers, tokenizer):
+    """The llama teacher trained on the test dataset's training rows until it knows them by heart (a user's
+    teacher fine-tuned on the data it is then distilled on)."""
+    import copy
+
+    from nexus_core import data
+    from nexus_core.config import ExtractSettings
+    from nexus_core.demo import model_factory as mf
+    from nexus_core.kd.trainer import train_causal_lm
+    from tests.helpers import DOCS
+
+    train, _ = data.split(DOCS, ExtractSettings().heldout_fraction)
+    ids, mask = data.pack(tokenizer, train, 32, 6)  # the rows extract's max_samples 6 keeps (setup_home's seq_len)
+    model = copy.deepcopy(teachers["llama"][1])
+    train_causal_lm(model, ids, mask, steps=120, lr=3e-3, batch_size=6, seed=0)
+    return mf.save_model(model, tokenizer, tmp_path_factory.mktemp("seen") / "llama")
+
+
+def test_rule_copies_only_for_a_teacher_that_has_seen_the_rows():
+    from nexus_core.config import ExtractSettings
+
+    auto = ExtractSettings(augment_samples=0)
+    seen = {"loss": 4.0, "train_loss": 2.0}
+    ex, d = augment.resolve(auto, 96, "full", seen)
+    assert ex.augment == augment.AUTO_COPIES and "has seen them" in d["reason"] and "2.000" in d["reason"]
+    ex, d = augment.resolve(auto, 96, "full", {"loss": 4.0, "train_loss": 3.9})  # a pretrained teacher
+    assert ex.augment == 0 and "has not seen them" in d["reason"] and d["auto"]
+    for unknown in (None, {"loss": 4.0}, {"loss": 4.0, "train_loss": None}):  # nothing to compare: size alone
+        assert augment.resolve(auto, 96, "full", unknown)[0].augment == augment.AUTO_COPIES
+    assert augment.resolve(auto, augment.AUTO_BELOW, "full", seen)[0].augment == 0  # large: off either way
+    assert augment.resolve(ExtractSettings(augment=2), 96, "full", {"loss": 4.0, "train_loss": 3.9})[0].augment == 2
+
+
 def _auto(tmp_path, teachers, name, **sections):
     extract = {"augment": augment.AUTO, "augment_samples": 0, **sections.pop("extract", {})}
     return setup_home(tmp_path / name, teachers["llama"][0], extract=extract, **sections)
 
 
-def test_rule_on_a_small_dataset_extracts_copies_records_why_and_distill_reads_them(tmp_path, teachers):
+def test_rule_on_a_small_dataset_extracts_copies_records_why_and_distill_reads_them(tmp_path, seen_teacher):
+    teachers = {"llama": (seen_teacher, None)}
     cfg, teacher, ref, paths = _auto(tmp_path, teachers, "a", extract={"max_samples": 6},
                                      distill={"max_steps": 2, "batch_size": 4, "epochs": 100},
                                      memory={"budget": "8GB"})
     res = run_extract(cfg, teacher, ref, paths)
     real_dir = paths.shard_dir("tiny", SLUG)
-    n = shards.read_manifest(real_dir)["planned_sequences"]
-    assert res.data["augment"] == {"copies": 16, "samples": 0, "auto": True,
-                                   "reason": f"{n} training sequences < 512: 16 perturbed copies; "
-                                             "set explicitly: augment_samples 0"}
+    real = shards.read_manifest(real_dir)
+    n, q = real["planned_sequences"], real["heldout_quality"]
+    assert q["train_loss"] <= augment.SEEN_RATIO * q["loss"]  # measured by extract: the teacher knows the rows
+    assert res.data["augment"]["copies"] == 16 and res.data["augment"]["auto"]
+    assert res.data["augment"]["reason"].startswith(f"{n} training sequences < 512 and the teacher has seen them")
     aug = shards.read_manifest(augment.folder(real_dir))
     assert aug["augment"] == {"copies": 16, "p": 0.15} and aug["augment_rule"]["auto"]
     assert aug["total_sequences"] == 16 * n
@@ -221,6 +257,18 @@ def test_rule_on_a_small_dataset_extracts_copies_records_why_and_distill_reads_t
     run_extract(cfg_b, teacher_b, ref_b, paths_b)  # same inputs: same shards, and the same settings fingerprint
     assert files(augment.folder(paths_b.shard_dir("tiny", SLUG))) == files(augment.folder(real_dir))
     assert cfg_b.fingerprint("extract") == cfg.fingerprint("extract")
+
+
+def test_rule_gives_a_teacher_that_never_saw_the_rows_no_copies_and_distill_agrees(tmp_path, teachers):
+    cfg, teacher, ref, paths = _auto(tmp_path, teachers, "unseen", extract={"max_samples": 6})
+    res = run_extract(cfg, teacher, ref, paths)  # an untrained teacher: as lost on the rows as on held-out text
+    real_dir = paths.shard_dir("tiny", SLUG)
+    q = shards.read_manifest(real_dir)["heldout_quality"]
+    assert q["train_loss"] > augment.SEEN_RATIO * q["loss"]
+    assert res.data["augment"]["copies"] == 0 and "has not seen them" in res.data["augment"]["reason"]
+    assert "augmented" not in res.data and not augment.folder(real_dir).exists()
+    plan = DistillPlan(teachers=(teacher,), primary="tiny", datasets=(ref.key,))
+    assert len(open_streams(cfg, plan, paths, read_profiles(paths, plan.teachers))[0]) == 1
 
 
 def test_rule_leaves_a_large_dataset_alone_and_an_sli_teacher_gets_no_samples(tmp_path, teachers, monkeypatch):

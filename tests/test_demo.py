@@ -12,7 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from nexus_core.config import Settings
 from nexus_core.data import DatasetRef, load_texts
-from nexus_core.demo.demo_data import DataSpec, arithmetic_rows, ensure_datasets, stdlib_files
+from nexus_core.demo.demo_data import (
+    DataSpec,
+    arithmetic_rows,
+    dataset_texts,
+    ensure_datasets,
+    stdlib_files,
+    teacher_pool,
+)
 from nexus_core.demo.prepare import DemoSpec, format_params, prepare_demo
 from nexus_core.kd.trainer import eval_causal_lm, train_causal_lm
 from nexus_core.paths import Paths
@@ -57,6 +64,21 @@ def test_stdlib_subset_is_capped_and_deterministic():
     assert files and sum(len(t.encode()) for _, t in files) <= 50_000
     assert [p for p, _ in files] == sorted(p for p, _ in files)
     assert all(p.endswith(".py") and "site-packages" not in p for p, _ in files)
+
+
+def test_teacher_pool_is_new_to_the_datasets(tmp_path):
+    """The teachers learn from a pool that holds none of the user's documents, train or held-out
+    (a teacher trained on the rows would hand the student memorised labels)."""
+    spec = SMALL.data
+    paths = Paths(tmp_path).ensure()
+    ensure_datasets(paths, spec)
+    texts = dataset_texts(paths)
+    pool = teacher_pool(spec, texts)
+    assert pool == teacher_pool(spec, texts)  # deterministic
+    for name, docs in texts.items():
+        assert len(pool[name]) > 0 and not set(pool[name]) & set(docs), name
+    assert sum(len(t.encode()) for t in pool["code/python-stdlib"]) <= spec.pool_stdlib_bytes
+    assert len(pool["reasoning/arithmetic"]) > 0.8 * spec.pool_arithmetic_rows
 
 
 def test_datasets_have_expected_columns_and_same_bytes(tmp_path):

@@ -5,6 +5,13 @@
 - `code/python-stdlib`: {"text": source} rows of .py files from the running interpreter's
   standard library, a deterministic subset capped by total bytes.
 
+The teachers learn from a **pool** of their own (`teacher_pool`): more arithmetic rows from another
+seed and other stdlib files, with every document of the datasets above left out. A
+pretrained teacher knows more than the user's rows show and has not seen them (neither the rows the
+student trains on nor the held-out ones it is scored on); a teacher trained on the user's rows
+would hand the student memorised labels, and KD would have nothing to add to a plain fine-tune.
+The pool is regenerated in memory from the spec; only the datasets are written.
+
 Each folder gets one jsonl file written atomically and then a marker (`.demo-marker`,
 no data suffix so `load_texts` never reads it) holding the hash of the generator's
 parameters and the file's sha256. A folder whose marker matches is left alone.
@@ -39,6 +46,13 @@ class DataSpec:
     stdlib_bytes: int = 1_500_000
     stdlib_max_file_bytes: int = 60_000  # skip giant files so the subset spans many modules
     seed: int = 1234
+    # The teachers' pool (module docstring): disjoint from the datasets, several times their size.
+    pool_arithmetic_rows: int = 40_000
+    pool_stdlib_bytes: int = 3_000_000
+
+    def pool_fp(self) -> str:
+        return _fp({"v": GENERATOR_VERSION, "arith": self.pool_arithmetic_rows, "bytes": self.pool_stdlib_bytes,
+                    "user": [self.arithmetic_fp(), self.stdlib_fp()]})
 
     def arithmetic_fp(self) -> str:
         return _fp({"v": GENERATOR_VERSION, "rows": self.arithmetic_rows, "seed": self.seed})
@@ -73,11 +87,13 @@ def arithmetic_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def stdlib_files(cap_bytes: int, max_file_bytes: int, root: Path | None = None) -> list[tuple[str, str]]:
+def stdlib_files(cap_bytes: int, max_file_bytes: int, root: Path | None = None,
+                 exclude: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """(relative path, source) of stdlib .py files, a deterministic subset of at most cap_bytes.
 
     Files are taken in the order of sha256(relative path), which spreads the subset over
     many modules instead of the alphabet's first letters, and returned sorted by path.
+    A file whose text is in `exclude` is skipped (the teachers' pool leaves out the dataset's files).
     """
     root = Path(root or sysconfig.get_paths()["stdlib"])
     candidates = []
@@ -94,7 +110,7 @@ def stdlib_files(cap_bytes: int, max_file_bytes: int, root: Path | None = None) 
             text = p.read_bytes().decode("utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        if "\x00" in text or not text.strip():
+        if "\x00" in text or not text.strip() or text in exclude:
             continue
         size = len(text.encode("utf-8"))
         if total + size > cap_bytes:
@@ -102,6 +118,21 @@ def stdlib_files(cap_bytes: int, max_file_bytes: int, root: Path | None = None) 
         picked.append((rel, text))
         total += size
     return sorted(picked)
+
+
+def teacher_pool(spec: DataSpec, datasets: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The teachers' training documents per dataset name, none of them in `datasets` (module docstring).
+
+    Arithmetic: rows of another seed, less any document of the dataset (a times-table fact may recur in
+    another phrasing, as it would in any pretraining corpus); code: the next stdlib files in hash order.
+    """
+    arith_name, code_name = "/".join(ARITHMETIC), "/".join(STDLIB)
+    seen = frozenset(datasets[arith_name])
+    arith = [t for t in (f"{r['question']}\n{r['answer']}"
+                         for r in arithmetic_rows(spec.pool_arithmetic_rows, spec.seed + 1)) if t not in seen]
+    code = [t for _, t in stdlib_files(spec.pool_stdlib_bytes, spec.stdlib_max_file_bytes,
+                                       exclude=frozenset(datasets[code_name]))]
+    return {arith_name: arith, code_name: code}
 
 
 # --- writing -------------------------------------------------------------------------

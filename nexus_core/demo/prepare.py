@@ -1,5 +1,8 @@
 """`nexus run --demo`: generate the demo data, train two small teachers, register them.
 
+The teachers learn from their own pool, disjoint from the datasets (demo_data.teacher_pool): like
+pretrained models, they know more than the user's rows show and have never seen them.
+
 prepare_demo() is idempotent and cached: the datasets carry a marker with their
 generator's hash, the tokenizer and each teacher live under .nexus/demo-cache/ with a
 marker holding the hash of everything that made them, so a second run reuses them at once.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from nexus_core.config import Settings
 from nexus_core.data import pack, split
-from nexus_core.demo.demo_data import DataSpec, dataset_texts, ensure_datasets
+from nexus_core.demo.demo_data import DataSpec, dataset_texts, ensure_datasets, teacher_pool
 from nexus_core.demo.model_factory import build_model, make_config, save_model, train_tokenizer
 from nexus_core.errors import DatasetError
 from nexus_core.kd.trainer import eval_causal_lm, train_causal_lm
@@ -67,7 +70,8 @@ class DemoSpec:
     def small(cls) -> "DemoSpec":
         """Tiny sizes for tests: seconds, not minutes."""
         t = cls().teachers
-        data = DataSpec(arithmetic_rows=400, stdlib_bytes=100_000, stdlib_max_file_bytes=6000)
+        data = DataSpec(arithmetic_rows=400, stdlib_bytes=100_000, stdlib_max_file_bytes=6000,
+                        pool_arithmetic_rows=800, pool_stdlib_bytes=100_000)
         return cls(data=data, vocab_size=384, seq_len=64, eval_rows=8,
                    teachers=(replace(t[0], hidden=48, layers=2, heads=4, kv_heads=2, intermediate=96,
                                      steps=40, batch_size=8, lr=5e-3),
@@ -264,8 +268,8 @@ def prepare_demo(paths: Paths, cfg: Settings, console=None, spec: DemoSpec | Non
     datasets = ensure_datasets(paths, spec.data)
     _say(console, "datasets ready", **{d["dataset"]: f"{d['rows']} rows" for d in datasets})
 
-    # 2. One tokenizer for both teachers, trained on the train split only.
-    data_fp = _fp([spec.data.arithmetic_fp(), spec.data.stdlib_fp(), frac])
+    # 2. One tokenizer for both teachers, trained on their pool (never on the datasets).
+    data_fp = _fp([spec.data.arithmetic_fp(), spec.data.stdlib_fp(), spec.data.pool_fp(), frac])
     tok_fp = _fp([data_fp, spec.vocab_size])
     fps = {ts.name: _fp([tok_fp, asdict(ts), spec.seq_len, spec.eval_rows]) for ts in spec.teachers}
     folders = {ts.name: cache / ts.name for ts in spec.teachers}
@@ -280,11 +284,13 @@ def prepare_demo(paths: Paths, cfg: Settings, console=None, spec: DemoSpec | Non
                 raise DatasetError(f"demo dataset {name}: {len(train)} train / {len(held)} held-out documents "
                                    f"with --extract-heldout-fraction {frac}; both sides need documents, "
                                    "so raise the fraction or the demo's data size")
-        tok, tok_cached = _tokenizer(cache, parts[CODE][0] + parts[ARITH][0], spec.vocab_size, tok_fp)
-        _say(console, "tokenizer ready", vocab=len(tok), cached=tok_cached)
+        pool = teacher_pool(spec.data, texts)
+        tok, tok_cached = _tokenizer(cache, pool[CODE] + pool[ARITH], spec.vocab_size, tok_fp)
+        _say(console, "tokenizer ready", vocab=len(tok), cached=tok_cached,
+             pool=f"{len(pool[CODE])} code files, {len(pool[ARITH])} arithmetic rows")
         if not tok_cached:  # a fresh tokenizer invalidates every teacher: they must share one
             todo = list(spec.teachers)
-        train_rows = (pack(tok, parts[CODE][0], spec.seq_len), pack(tok, parts[ARITH][0], spec.seq_len))
+        train_rows = (pack(tok, pool[CODE], spec.seq_len), pack(tok, pool[ARITH], spec.seq_len))
         eval_sets = {name: pack(tok, parts[name][1], spec.seq_len, spec.eval_rows) for name in (ARITH, CODE)}
         with _progress(console) as progress:
             for ts in todo:

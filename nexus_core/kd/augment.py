@@ -14,8 +14,22 @@ The new rows are KD data only: they have no text, so teachers with another token
 aligned onto them, and the plain fine-tune baseline (baseline.py) never reads them.
 
 The automatic rule (resolve(); the settings' default -1 means "auto", an explicit 0 or number wins):
-- copies when a dataset packs to fewer than AUTO_BELOW (512) training sequences: AUTO_COPIES (16)
-  each. Why 512: below it the default distill (max_steps 800 x batch 8 = 6400 sequences) would pass
+- copies when a dataset packs to fewer than AUTO_BELOW (512) training sequences **and the teacher has
+  seen those rows**: AUTO_COPIES (16) each. Seen: its loss on the first training rows is at most
+  SEEN_RATIO (0.95) of its held-out loss (extract measures both; manifest heldout_quality.train_loss):
+  a teacher that never saw them scores them about as it scores held-out text of the same data (ratio
+  near 1: the demo's teachers 1.03-1.04 on arithmetic, 1.26-1.30 on code), one trained on them clearly
+  better (bench_kd's teacher: 0.92 on arithmetic, 0.71 on code). Where the sample of rows is too
+  small to tell, an unseen teacher may land under it and get copies: the size rule's old behaviour.
+  Why the second condition: a teacher trained on the rows labels them with their own tokens, so KD on
+  them is a plain fine-tune, and copies draw its knowledge out on inputs it has not memorised (bench_kd,
+  whose teacher is trained on the rows: 88 % / 92 % of the gap to a tuned fine-tune closed with them). A teacher that has never seen them (a pretrained model on the user's own data; the demo,
+  whose teachers learn from a pool of their own) already labels the real rows with what it knows, and
+  copies only move the inputs off the data: the demo's KD student lost to the tuned fine-tune on code
+  with them (1.349 vs 1.331 nats/char) and beats it on both domains without (1.312 / 0.864 vs 1.331 /
+  0.920; BENCHMARKS.md "The demo"). When there is nothing to compare (no held-out text, or a manifest
+  from before the measure) the size rule alone decides, as it did before.
+  Why 512: below it the default distill (max_steps 800 x batch 8 = 6400 sequences) would pass
   over the real rows more than a dozen times, which is where bench_kd's KD student overfits; the copies cost
   16 more labelling passes over at most 511 rows (8k sequences: about 4x the extraction of a dataset
   at the default max_samples 2000), cheap beside what they buy (BENCHMARKS.md kd_augment).
@@ -23,8 +37,9 @@ The automatic rule (resolve(); the settings' default -1 means "auto", an explici
   teacher is loaded whole (profile mode "full"): AUTO_SAMPLES (8) each. Samples cost one teacher pass
   per new token (8 x n x ~7/8 T passes), so they are kept to tiny datasets, and an SLI-streamed
   teacher, which reads every layer from disk per pass, never gets them automatically.
-Distill applies the same rule to the same inputs (the real rows' manifest: planned_sequences, mode),
-so both stages agree without extra state; the extract stage records the decision and its reason.
+Distill applies the same rule to the same inputs (the real rows' manifest: planned_sequences, mode,
+heldout_quality), so both stages agree without extra state; the extract stage records the decision and
+its reason.
 
 Deterministic: the draws are seeded by the real rows' fingerprint and the settings, so the same
 inputs give the same shards bit for bit.
@@ -49,19 +64,42 @@ KEYS = ("augment", "augment_p", "augment_samples", "augment_temperature")  # the
 AUTO = -1  # the settings' value for "let the rule decide"
 AUTO_BELOW = 512  # training sequences under which copies turn on by themselves
 AUTO_COPIES = 16
+SEEN_RATIO = 0.95  # train-row loss / held-out loss at or under which the teacher has seen the rows (module docstring)
 AUTO_SAMPLES_BELOW = 128  # ... and samples, for a teacher loaded whole
 AUTO_SAMPLES = 8
 
 
-def resolve(ex, sequences: int, mode: str):
+def has_seen(quality: dict | None) -> bool | None:
+    """Whether the teacher has seen the training rows (module docstring), from the real rows' manifest
+    heldout_quality {loss, train_loss, ...}; None when there is nothing to compare."""
+    if not quality or not quality.get("train_loss") or not quality.get("loss"):
+        return None
+    return quality["train_loss"] <= SEEN_RATIO * quality["loss"]
+
+
+def _copies(sequences: int, quality: dict | None) -> tuple[int, str]:
+    if sequences >= AUTO_BELOW:
+        return 0, f"{sequences} training sequences >= {AUTO_BELOW}: no perturbed copies"
+    size = f"{sequences} training sequences < {AUTO_BELOW}"
+    seen = has_seen(quality)
+    if seen is None:
+        return AUTO_COPIES, f"{size}: {AUTO_COPIES} perturbed copies"
+    fit = (f"teacher loss {quality['train_loss']:.3f} on training rows vs {quality['loss']:.3f} held out "
+           f"({'<=' if seen else '>'} {SEEN_RATIO:g}x)")
+    if seen:
+        return AUTO_COPIES, f"{size} and the teacher has seen them, {fit}: {AUTO_COPIES} perturbed copies"
+    return 0, f"{size}, but the teacher has not seen them, {fit}: no perturbed copies"
+
+
+def resolve(ex, sequences: int, mode: str, quality: dict | None = None):
     """The augmentation one dataset gets: (extract settings with augment / augment_samples >= 0, the
     decision as recorded: copies, samples, auto, reason). `sequences`: the dataset's packed training
-    rows; `mode`: the teacher profile's mode (full, or sli when streamed)."""
+    rows; `mode`: the teacher profile's mode (full, or sli when streamed); `quality`: the real rows'
+    manifest heldout_quality (with train_loss when extract measured it)."""
     copies, samples, why = ex.augment, ex.augment_samples, []
     if copies == AUTO:
-        copies = AUTO_COPIES if sequences < AUTO_BELOW else 0
-        why.append(f"{sequences} training sequences {'<' if copies else '>='} {AUTO_BELOW}: "
-                   f"{copies or 'no'} perturbed copies")
+        copies, reason = _copies(sequences, quality)
+        why.append(reason)
     if samples == AUTO:
         if mode != "full":
             samples = 0

@@ -62,8 +62,8 @@ def sweep_lrs(cfg: Settings) -> list[float]:
 
 
 def mean_loss(datasets: dict) -> float:
-    """What picks the best lr: the mean held-out loss over the domains (each domain counts once); a run
-    that diverged (a loss that is not finite) counts as infinitely bad."""
+    """What picks the best lr: the mean held-out loss over the domains (each domain counts once); a loss
+    that is not finite counts as infinitely bad (and _train_one marks a run at over twice a uniform guess diverged)."""
     losses = [m.get("loss") for m in datasets.values()]
     if not losses or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses):
         return math.inf
@@ -117,9 +117,11 @@ def _train_one(cfg: Settings, plan: DistillPlan, paths: Paths, init, rows, tok, 
         metrics = evaluate(cfg, plan, paths, model, tok, device, profiles, teachers=False)
     datasets = {d: _finite(m["student"]) for d, m in metrics.items()}
     score = mean_loss(datasets)
-    log.info("baseline.lr_done", lr=lr, mean_heldout_loss=score)
-    return {"lr": lr, "mean_loss": round(score, 6) if math.isfinite(score) else None, "datasets": datasets,
-            "diverged": not math.isfinite(score)}
+    # Diverged: not finite, or over twice a uniform guess's loss (even a random init scores about log V; an lr far
+    # too large can leave finite but absurd losses, thousands of nats, depending on the machine's float paths).
+    diverged = not math.isfinite(score) or score > 2 * math.log(model.config.vocab_size)
+    log.info("baseline.lr_done", lr=lr, mean_heldout_loss=score, diverged=diverged)
+    return {"lr": lr, "mean_loss": None if diverged else round(score, 6), "datasets": datasets, "diverged": diverged}
 
 
 def run_ce_baseline(cfg: Settings, plan: DistillPlan, paths: Paths, steps: int, lrs: list[float] | None = None,

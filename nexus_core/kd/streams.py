@@ -175,7 +175,7 @@ def open_streams(cfg: Settings, plan: DistillPlan, paths: Paths, profiles: dict[
         if fps.get(teacher.teacher_id) in (None, primary_fp):  # no text spans: no cross-tokenizer alignment
             real = next(s for s in sources[dataset] if s.teacher_id == teacher.teacher_id)
             a_ex, _ = augment.resolve(cfg.extract, int(real.manifest.get("planned_sequences", real.n)),
-                                      real.manifest.get("mode", "full"))
+                                      real.manifest.get("mode", "full"), real.manifest.get("heldout_quality"))
             if augment.wanted(a_ex):
                 a_cfg = dataclasses.replace(cfg, extract=a_ex)
                 src = verify_source(a_cfg, paths, teacher, dataset, fps.get(teacher.teacher_id), augmented=True)

@@ -32,7 +32,7 @@ from nexus_core.storage.profiles import load_profile
 from nexus_core.teachers.loading import load_tokenizer, tokenizer_fingerprint, tokenizer_vocab
 from nexus_core.teachers.logits import logit_positions, topk_targets
 from nexus_core.teachers.mode import open_runner
-from nexus_core.teachers.quality import heldout_quality
+from nexus_core.teachers.quality import heldout_quality, train_loss
 
 
 def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Paths,
@@ -85,18 +85,22 @@ def run_extract(cfg: Settings, teacher: Teacher, dataset: DatasetRef, paths: Pat
 
     def quality():
         with _deterministic():
-            return heldout_quality(runner(), tok, heldout, ex, real_vocab)
+            q = heldout_quality(runner(), tok, heldout, ex, real_vocab)
+            if q is not None:  # beside it, the loss on training rows: has the teacher seen them? (augment.has_seen)
+                q["train_loss"] = round(train_loss(runner(), ids, mask, real_vocab, ex.batch_size), 6)
+            return q
 
     rows = _Rows(ids, mask, cs, ce, hidden_layers, real_vocab, tok_fp, int(profile["hidden"]))
     try:
         result = _extract_rows(cfg, teacher, dataset, ctx, runner, rows, out_dir, base, part, quality)
-        # The automatic augmentation rule (augment.resolve) decides on this dataset's size and the teacher's mode.
-        a_ex, decision = augment.resolve(ex, int(ids.shape[0]), profile["mode"])
+        # The automatic augmentation rule (augment.resolve) decides on this dataset's size, the teacher's mode
+        # and whether it has seen the rows (the merged manifest's heldout_quality).
+        real = shards.read_manifest(out_dir) if (out_dir / shards.MANIFEST).exists() else {}
+        a_ex, decision = augment.resolve(ex, int(ids.shape[0]), profile["mode"], real.get("heldout_quality"))
         result.data["augment"] = decision
         a_cfg = dataclasses.replace(cfg, extract=a_ex)
-        real = shards.read_manifest(out_dir) if augment.wanted(a_ex) and (out_dir / shards.MANIFEST).exists() else {}
         a_fp, a_dir = _settings_fp(a_cfg, hidden_layers, augmented=True), augment.folder(out_dir)
-        if real.get("complete") and not _finished(a_dir, a_fp, real):
+        if augment.wanted(a_ex) and real.get("complete") and not _finished(a_dir, a_fp, real):
             # The job that completes the dataset adds the new rows (made again on a resume: deterministic).
             with _deterministic():
                 a_ids, a_mask, a_base = augment.new_rows(out_dir, real, base, a_ex, runner, real_vocab)

@@ -12,7 +12,8 @@ Optional tensors (readers that do not know them ignore them):
                         distill uses them to align a teacher whose tokenizer differs from the student's.
 Manifest additions: "offsets" (bool), "text_fp" (data.text_fingerprint of the train split: two
 teachers' spans are comparable only when equal), "heldout_quality" ({loss, loss_per_char, tokens,
-chars} of the teacher on the held-out split, or null) for per-domain teacher weights.
+chars} of the teacher on the held-out split, or null) for per-domain teacher weights, with "train_loss" (its loss
+on the first 16 training rows) beside them: whether the teacher has seen the rows (kd/augment.has_seen).
 
 Range jobs (extract.ranges > 1): job r of R writes the shards of its block and records them in
 its own part manifest (manifest-part-<r>-of-<R>.json, same fields as manifest.json plus "part"

@@ -36,6 +36,14 @@ def heldout_quality(runner, tok, heldout: list[str], ex, real_vocab: int) -> dic
 
 
 @torch.no_grad()
+def train_loss(runner, ids: torch.Tensor, mask: torch.Tensor, real_vocab: int, batch_size: int) -> float:
+    """The teacher's next-token loss on the first HELDOUT_QUALITY_SEQUENCES packed training rows: beside
+    its held-out loss, it tells whether the teacher has seen these rows (kd/augment.has_seen)."""
+    n = HELDOUT_QUALITY_SEQUENCES
+    return lm_loss(runner, ids[:n], mask[:n], None, real_vocab, "cpu", batch_size)["loss"]
+
+
+@torch.no_grad()
 def lm_loss(runner, ids: torch.Tensor, mask: torch.Tensor, chars: torch.Tensor | None, vocab: int, device: str,
             batch_size: int = 8) -> dict:
     """Mean next-token cross-entropy over real positions, per token and (with `chars`) per character of
