@@ -64,6 +64,16 @@ RECORDED = {
         "memory/tiny/reasoning__arith/shard-00002.safetensors": "9a89b8ad562f8a89dc75f2c00627f324a5e0ee0f4f034d0109605140ee87944d",
         "nexus-release-v1/model.safetensors": "1e56de490800476db8875d047556d32766258e401dbf4591bc671ddb5b56ba0d",
     },
+    # Intel Xeon, torch CPU capability AVX512 (stop 25): c0f0029 and 9a8bdb2 give these same bytes
+    "intel-xeon-avx512": {
+        "memory/tiny/code__snippets/shard-00000.safetensors": "2f762a01ef716f98a835287dd6be35d055e98a3806b08becdcc85eb2406a1251",
+        "memory/tiny/code__snippets/shard-00001.safetensors": "271f7d247774631fc278857982625796853ec486054450a393090b7a940dc6ea",
+        "memory/tiny/code__snippets/shard-00002.safetensors": "972d73076152546c56f454abd02b7ca92012bce0c88e3aa0bad689b789f851a8",
+        "memory/tiny/reasoning__arith/shard-00000.safetensors": "a3ebd31be9c7ff263821a8a0891578ab0ef834624df4a8788c8960fc29222212",
+        "memory/tiny/reasoning__arith/shard-00001.safetensors": "6ce2af5536001ff859236b15d3a9f8be22ab220672b5fe81fe67d960ce87ce4c",
+        "memory/tiny/reasoning__arith/shard-00002.safetensors": "1488d19136b6e39bc3fbc58244b5133702c694680581491577ef9e0c6560a733",
+        "nexus-release-v1/model.safetensors": "1c095e2c887f0c600e1482186f0e6b9155f4160c6ad953f92267a8fe576070d6",
+    },
 }
 
 
