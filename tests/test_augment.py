@@ -222,8 +222,11 @@ def test_rule_copies_only_for_a_teacher_that_has_seen_the_rows():
     seen = {"loss": 4.0, "train_loss": 2.0}
     ex, d = augment.resolve(auto, 96, "full", seen)
     assert ex.augment == augment.AUTO_COPIES and "has seen them" in d["reason"] and "2.000" in d["reason"]
-    ex, d = augment.resolve(auto, 96, "full", {"loss": 4.0, "train_loss": 3.9})  # a pretrained teacher
+    unseen = {"loss": 4.0, "train_loss": 3.9}  # a pretrained teacher on the user's own rows
+    ex, d = augment.resolve(auto, 300, "full", unseen)
     assert ex.augment == 0 and "has not seen them" in d["reason"] and d["auto"]
+    ex, d = augment.resolve(auto, 96, "full", unseen)  # ... but few rows: a couple of copies still pay
+    assert ex.augment == augment.UNSEEN_COPIES == 2 and "they are few (< 128)" in d["reason"]
     for unknown in (None, {"loss": 4.0}, {"loss": 4.0, "train_loss": None}):  # nothing to compare: size alone
         assert augment.resolve(auto, 96, "full", unknown)[0].augment == augment.AUTO_COPIES
     assert augment.resolve(auto, augment.AUTO_BELOW, "full", seen)[0].augment == 0  # large: off either way
@@ -259,7 +262,8 @@ def test_rule_on_a_small_dataset_extracts_copies_records_why_and_distill_reads_t
     assert cfg_b.fingerprint("extract") == cfg.fingerprint("extract")
 
 
-def test_rule_gives_a_teacher_that_never_saw_the_rows_no_copies_and_distill_agrees(tmp_path, teachers):
+def test_rule_gives_a_teacher_that_never_saw_the_rows_no_copies_and_distill_agrees(tmp_path, teachers, monkeypatch):
+    monkeypatch.setattr(augment, "AUTO_SAMPLES_BELOW", 2)  # the tiny dataset counts as more than a few rows
     cfg, teacher, ref, paths = _auto(tmp_path, teachers, "unseen", extract={"max_samples": 6})
     res = run_extract(cfg, teacher, ref, paths)  # an untrained teacher: as lost on the rows as on held-out text
     real_dir = paths.shard_dir("tiny", SLUG)

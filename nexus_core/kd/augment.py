@@ -14,21 +14,24 @@ The new rows are KD data only: they have no text, so teachers with another token
 aligned onto them, and the plain fine-tune baseline (baseline.py) never reads them.
 
 The automatic rule (resolve(); the settings' default -1 means "auto", an explicit 0 or number wins):
-- copies when a dataset packs to fewer than AUTO_BELOW (512) training sequences **and the teacher has
-  seen those rows**: AUTO_COPIES (16) each. Seen: its loss on the first training rows is at most
-  SEEN_RATIO (0.95) of its held-out loss (extract measures both; manifest heldout_quality.train_loss):
-  a teacher that never saw them scores them about as it scores held-out text of the same data (ratio
-  near 1: the demo's teachers 1.03-1.04 on arithmetic, 1.26-1.30 on code), one trained on them clearly
-  better (bench_kd's teacher: 0.92 on arithmetic, 0.71 on code). Where the sample of rows is too
-  small to tell, an unseen teacher may land under it and get copies: the size rule's old behaviour.
-  Why the second condition: a teacher trained on the rows labels them with their own tokens, so KD on
-  them is a plain fine-tune, and copies draw its knowledge out on inputs it has not memorised (bench_kd,
-  whose teacher is trained on the rows: 88 % / 92 % of the gap to a tuned fine-tune closed with them). A teacher that has never seen them (a pretrained model on the user's own data; the demo,
-  whose teachers learn from a pool of their own) already labels the real rows with what it knows, and
-  copies only move the inputs off the data: the demo's KD student lost to the tuned fine-tune on code
-  with them (1.349 vs 1.331 nats/char) and beats it on both domains without (1.312 / 0.864 vs 1.331 /
-  0.920; BENCHMARKS.md "The demo"). When there is nothing to compare (no held-out text, or a manifest
-  from before the measure) the size rule alone decides, as it did before.
+- copies when a dataset packs to fewer than AUTO_BELOW (512) training sequences: AUTO_COPIES (16) each
+  when **the teacher has seen those rows**; when it has not, UNSEEN_COPIES (2) each below
+  AUTO_SAMPLES_BELOW (128) sequences and none from there on. Seen: its loss on the first training rows
+  is at most SEEN_RATIO (0.95) of its held-out loss (extract measures both; manifest
+  heldout_quality.train_loss): a teacher that never saw them scores them about as it scores held-out
+  text of the same data (the demo's teachers 1.03-1.04x on arithmetic, 1.26-1.30x on code; SmolLM2 on
+  stdlib code and license texts 1.04x / 0.99x), one trained on them clearly better (bench_kd's teacher:
+  0.92x on arithmetic, 0.71x on code). Where the sample of rows is too small to tell, an unseen teacher
+  may land under it and get 16 copies: the size rule's old behaviour.
+  Why: a teacher trained on the rows labels them with their own tokens, so KD on them is a plain
+  fine-tune, and copies draw its knowledge out on inputs it has not memorised (bench_kd: 88 % / 92 % of
+  the gap to a tuned fine-tune closed with them). A teacher that never saw them already labels the real
+  rows with what it knows, and copies move the inputs off the data: with 256 rows per domain the demo's
+  KD student loses code to the tuned fine-tune with 16 or 2 copies (1.349 / 1.352 vs 1.331 nats/char)
+  and leads on both domains without (1.312 / 0.864 vs 1.331 / 0.920). With a few dozen rows more inputs
+  still pay: SmolLM2 on 32 rows per dataset, 60 steps, closes 22 % / 28 % of the gap with 2 copies and
+  17 % / 25 % without (BENCHMARKS.md "The demo", "Real model"). When there is nothing to compare (no
+  held-out text, or a manifest from before the measure) the size rule alone decides, as it did before.
   Why 512: below it the default distill (max_steps 800 x batch 8 = 6400 sequences) would pass
   over the real rows more than a dozen times, which is where bench_kd's KD student overfits; the copies cost
   16 more labelling passes over at most 511 rows (8k sequences: about 4x the extraction of a dataset
@@ -64,6 +67,7 @@ KEYS = ("augment", "augment_p", "augment_samples", "augment_temperature")  # the
 AUTO = -1  # the settings' value for "let the rule decide"
 AUTO_BELOW = 512  # training sequences under which copies turn on by themselves
 AUTO_COPIES = 16
+UNSEEN_COPIES = 2  # ... for a teacher that has not seen the rows, on a dataset under AUTO_SAMPLES_BELOW
 SEEN_RATIO = 0.95  # train-row loss / held-out loss at or under which the teacher has seen the rows (module docstring)
 AUTO_SAMPLES_BELOW = 128  # ... and samples, for a teacher loaded whole
 AUTO_SAMPLES = 8
@@ -88,6 +92,9 @@ def _copies(sequences: int, quality: dict | None) -> tuple[int, str]:
            f"({'<=' if seen else '>'} {SEEN_RATIO:g}x)")
     if seen:
         return AUTO_COPIES, f"{size} and the teacher has seen them, {fit}: {AUTO_COPIES} perturbed copies"
+    if sequences < AUTO_SAMPLES_BELOW:
+        return UNSEEN_COPIES, (f"{size}, the teacher has not seen them, {fit}, and they are few (< "
+                               f"{AUTO_SAMPLES_BELOW}): {UNSEEN_COPIES} perturbed copies")
     return 0, f"{size}, but the teacher has not seen them, {fit}: no perturbed copies"
 
 
