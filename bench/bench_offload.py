@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -493,12 +494,13 @@ def main() -> int:
     ap.add_argument("--tokens-file", help=argparse.SUPPRESS)
     ap.add_argument("--budget-bytes", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out-file", help=argparse.SUPPRESS)
-    ap.add_argument("--merge", help="comma-separated JSON files of runs made side by side (e.g. one per teacher or "
-                    "pass size, run at the same time): one JSON and one table; rows of the same teacher are joined")
+    ap.add_argument("--merge", help="comma-separated JSON files of separate runs (e.g. one per teacher or pass size): "
+                    "one JSON and one table; rows of the same teacher are joined; seconds are the runs' sum")
     a = ap.parse_args()
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge.split(",")]
-        res = {**parts[0], "command": " & ".join(p["command"] for p in parts), "teachers": [],
+        res = {**parts[0], "command": "; ".join(p["command"] for p in parts), "teachers": [],
+               "total_s": sum(p.get("total_s", 0) for p in parts), "reps": max(p.get("reps", 1) for p in parts),
                "load_before": parts[0]["load_before"], "load_after": parts[-1]["load_after"],
                "moe": next((p["moe"] for p in parts if p.get("moe")), None)}
         for p in parts:
@@ -524,7 +526,7 @@ def main() -> int:
     teachers = ["sli"] if a.quick else [t.strip() for t in a.teachers.split(",") if t.strip()]
     tokens = [128] if a.quick else [int(x) for x in a.tokens.split(",")]
     load_before = [round(x, 2) for x in os.getloadavg()]
-    res = {"command": "python bench/bench_offload.py " + " ".join(sys.argv[1:]), "device": a.device,
+    res = {"command": "python bench/bench_offload.py " + shlex.join(sys.argv[1:]), "device": a.device,
            "threads": torch.get_num_threads(), "reps": a.reps, "load_before": load_before, "teachers": []}
     a.json.parent.mkdir(parents=True, exist_ok=True)
 

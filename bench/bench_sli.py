@@ -154,6 +154,7 @@ def main() -> int:
     if a.child:
         print(json.dumps(child(a.child, a.model)))
         return 0
+    load_before, t0 = os.getloadavg(), time.time()
     d = make_teacher(Path(a.workdir) / "teacher")
     lim = limits(d)
     full, sli = _run_child("full", d), _run_child("sli", d)
@@ -180,7 +181,9 @@ def main() -> int:
           f"full load took {full['load_s']:.1f} s once")
     if a.json:
         Path(a.json).write_text(json.dumps({"limits": lim, "full": full, "sli": sli, "rss_ratio": ratio_rss,
-                                            "throughput_ratio": big_s["tok_s"] / big_f["tok_s"]}, indent=2))
+                                            "throughput_ratio": big_s["tok_s"] / big_f["tok_s"],
+                                            "load_before": load_before, "load_after": os.getloadavg(),
+                                            "total_s": time.time() - t0}, indent=2))
     return 0
 
 

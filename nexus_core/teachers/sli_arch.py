@@ -208,22 +208,28 @@ def _libc():
 
 
 _LIBC = _libc()
+MMAP_THRESHOLD = 16 << 20  # host allocations this size and up are mmap'd (see return_freed_memory)
 
 
 def return_freed_memory() -> None:
-    """Serve host allocations ≥ 1 MiB from mmap so freed layers/activations go back to the OS at once.
+    """Serve host allocations ≥ 16 MiB from mmap so freed layer copies and logits chunks go back to the OS at once.
 
-    glibc otherwise raises its mmap threshold after the first large free and keeps later
-    freed blocks in the heap, so a stream of layer-sized tensors would ratchet RSS upward."""
+    glibc otherwise raises its mmap threshold after the first large free (up to 32 MiB) and keeps later
+    freed blocks in the heap, so a stream of layer-sized tensors and 32 MiB logits chunks ratchets RSS
+    upward. Not lower: at 1 MiB every activation tensor was a fresh mapping whose pages fault in on first
+    write, and the element-wise ops of a layer pass ran ~2x slower (SmolLM2 fp32, 8 x 512 tokens per call:
+    524 tok/s at 1 MiB, 618 at 16 MiB, peak RSS within 4 %; bench/bench_malloc.py, BENCHMARKS.md).
+    Below LOGIT_CHUNK_BYTES (32 MiB), so the head's logits chunks stay mappings; `trim_heap` between
+    layers returns what the heap frees."""
     if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed => no dynamic raise)
-        _LIBC.mallopt(-1, 2 << 20)  # M_TRIM_THRESHOLD (a raised threshold would have lifted it to 2x, up to 64 MiB)
+        _LIBC.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed => no dynamic raise)
+        _LIBC.mallopt(-1, 2 * MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: glibc's own ratio, fixed
 
 
 def trim_heap() -> None:
     """Give the free pages inside malloc's heaps back to the OS (every thread's arena, not only the top).
 
-    The smaller (< 1 MiB) allocations of a layer pass are freed in an order that leaves holes the
+    The smaller (< 16 MiB) allocations of a layer pass are freed in an order that leaves holes the
     automatic trim (top of the main heap only) never returns; run between layers, this keeps the
     resident size to what is live (~1 ms per call)."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
