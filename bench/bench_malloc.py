@@ -99,7 +99,8 @@ def main() -> int:
             for (th, n), xs in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
     print(f"teacher {a.teacher}; load {load_before} before, {os.getloadavg()} after; {a.reps} reps; "
           "median tok/s, peak RSS median/max")
-    print("| sequences x 512 | mmap threshold | tok/s | peak RSS MiB (median / max) | micro-batch |\n|---|---|---|---|---|")
+    print("| sequences x 512 | mmap threshold | tok/s | peak RSS MiB (median / max) | micro-batch |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seqs']} | {r['threshold_mib']} MiB | {r['tok_s']:.1f} | {r['rss_peak_median'] / 2**20:.0f} / "
               f"{r['rss_peak_max'] / 2**20:.0f} | {r['micro_batch']} |")

@@ -248,7 +248,8 @@ def main() -> int:
         argv, json_name, title = specs[name]
         if a.from_json:
             data = json.loads((OUT / json_name).read_text())
-            results[name] = {"name": name, "command": data.get("command", "python bench/" + " ".join(x.replace(f"{ROOT}/", "") for x in argv)), "rc": 0,
+            relative = " ".join(x.replace(f"{ROOT}/", "") for x in argv)
+            results[name] = {"name": name, "command": data.get("command", "python bench/" + relative), "rc": 0,
                              "seconds": data.get("total_s", 0), "data": data, "tail": "",
                              "machine": {**machine(), **({"load": data["load_before"], "shared": data["load_before"][0]
                                                          > (os.cpu_count() or 1) * 0.75} if "load_before" in data else {})},
