@@ -35,6 +35,7 @@ def child(threshold_mib: int, n: int, teacher: str) -> dict:
     import torch
 
     from bench_offload import token_batch
+    from bench_sli import rss_peak
     from smollm2 import gguf_file, hf_folder
 
     import nexus_core.teachers.sli_arch as sli_arch
@@ -60,9 +61,8 @@ def child(threshold_mib: int, n: int, teacher: str) -> dict:
             topk_targets(r.logits, h.reshape(-1, h.shape[-1]), 32, vocab, chunk)
             del out, h
             best = min(best, time.perf_counter() - t)
-    hwm = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
-    return {"teacher": teacher, "threshold_mib": threshold_mib, "seqs": n, "tok_s": n * 512 / best, "rss_peak": hwm,
-            "micro_batch": r.stats["micro_batch"]}
+    return {"teacher": teacher, "threshold_mib": threshold_mib, "seqs": n, "tok_s": n * 512 / best,
+            "rss_peak": rss_peak(), "micro_batch": r.stats["micro_batch"]}
 
 
 def main() -> int:

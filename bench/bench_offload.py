@@ -46,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from bench_sli import rss_peak  # noqa: E402 (after the path)
 
 OUT = ROOT / "bench" / "out"
 CACHE = OUT / "cache"
@@ -117,13 +118,6 @@ def install_airllm() -> Path:
 
 # --- one runner, in a fresh process ------------------------------------------------------------------
 
-def _rss_peak() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 def _topk_rows(logits, real_vocab: int):
     """(n, T, V) logits -> top-k ids (n·T, k) int32, log-probs float16, tail log-mass float32, one sequence at a
     time (extraction's arithmetic, teachers/logits.topk_targets, on logits a Hugging Face model returned)."""
@@ -160,7 +154,7 @@ def child(runner: str, model_dir: str, tokens_file: str, budget: int, device: st
         import airllm  # noqa: F401  (its import is part of its baseline)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base = _rss_peak()
+    base = rss_peak()
     t0 = time.perf_counter()
     if runner == "nexus":
         from nexus_core.config import ExtractSettings
@@ -228,7 +222,7 @@ def child(runner: str, model_dir: str, tokens_file: str, budget: int, device: st
               out_file)
     n_tok = int(mask.sum())
     res = {"runner": runner, "tokens": n_tok, "load_s": load_s, "seconds": dt, "cpu_s": dc, "tok_s": n_tok / dt,
-           "rss_base": base, "rss_peak": _rss_peak(), "rss_above_base": _rss_peak() - base, **extra}
+           "rss_base": base, "rss_peak": rss_peak(), "rss_above_base": rss_peak() - base, **extra}
     if device == "cuda":
         res["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return res

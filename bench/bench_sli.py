@@ -33,7 +33,7 @@ if os.environ.get("NEXUS_BENCH_QUICK"):  # a smoke run of the harness, not a mea
     PASSES = FULL_PASSES = [(1, 128), (2, 512)]
 
 
-def _rss_peak() -> int:
+def rss_peak() -> int:
     """This process's peak RSS (VmHWM: anonymous + file-backed pages, e.g. mmapped weights), in bytes.
 
     Not getrusage's ru_maxrss: that one is inherited from the parent across fork + exec."""
@@ -82,7 +82,7 @@ def child(mode: str, model_dir: str) -> dict:
     import nexus_core.stages.extract  # noqa: F401  (the top-k code both paths run: part of the baseline)
     from nexus_core.teachers.sli import StreamingRunner
 
-    base = _rss_peak()
+    base = rss_peak()
     t0 = time.perf_counter()
     if mode == "full":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -109,8 +109,8 @@ def child(mode: str, model_dir: str) -> dict:
             if i > 0:  # pass 0 warms the kernels up; CPU time is less swayed by other load on the machine
                 rows.append({"tokens": n * T, "seconds": dt, "tok_s": n * T / dt, "cpu_s": dc,
                              "tok_cpu_s": n * T / dc})
-    return {"mode": mode, "load_s": load_s, "rss_base": base, "rss_peak": _rss_peak(),
-            "rss_above_base": _rss_peak() - base, "rows": rows}
+    return {"mode": mode, "load_s": load_s, "rss_base": base, "rss_peak": rss_peak(),
+            "rss_above_base": rss_peak() - base, "rows": rows}
 
 
 def limits(model_dir: Path) -> dict:

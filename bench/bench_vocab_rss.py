@@ -21,16 +21,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from bench_sli import rss_peak  # noqa: E402 (after the path)
 
 VOCAB = 262_144
-
-
-def _rss_peak() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def build_teacher(out: Path) -> Path:
@@ -71,12 +65,12 @@ def child(teacher: str, sli: str, sequences: int, T: int) -> dict:
                         extract={"seq_len": T, "top_k": 32, "batch_size": 8, "max_samples": sequences})
     t = parse_teacher({"teacher_id": "g3", "path": teacher, "status": "ready"}, "bench", home)
     ref = DatasetRef("reasoning", "arith")
-    base = _rss_peak()
+    base = rss_peak()
     run_profile(cfg, t, Paths(home), [ref])
     run_extract(cfg, t, ref, Paths(home))
     prof = read_profile(Paths(home), "g3")
     shutil.rmtree(home)
-    return {"sli": sli, "mode": prof["mode"], "rss_base": base, "rss_peak": _rss_peak(),
+    return {"sli": sli, "mode": prof["mode"], "rss_base": base, "rss_peak": rss_peak(),
             "weights_bytes": prof["bytes"], "tokens": sequences * T}
 
 
